@@ -1,0 +1,246 @@
+"""The node agent: attach the probe, turn kernel events into enriched flows, ship them.
+
+One loop, three cadences:
+  * every ``drain_ms`` (50 ms): drain the ring buffer, build flows, hand them to the shipper;
+  * every second: follow interfaces (globs) and registered endpoints, attach/detach, read the
+    kernel's loss counters and report increases as LostEvents;
+  * every ``sweep_interval`` (2 s): read the flow map in batches, expire idle and closed flows
+    with a final record carrying their last counters, delete them.
+
+On SIGINT/SIGTERM it drains, ships what it has, detaches every filter and clsact qdisc it added,
+and exits, leaving the interfaces as it found them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from flowscope import schema
+from flowscope.endpoints import EndpointIndex, EndpointRecord, EndpointStore
+from probe import events as ev
+from probe.datapath import Datapath, host_addresses, interface_names, match_interfaces
+from probe.shipper import Shipper
+
+log = logging.getLogger("flowscope.agent")
+
+
+@dataclass
+class AgentConfig:
+    server: str = "http://127.0.0.1:8080"
+    interfaces: list[str] = field(default_factory=list)   # names or globs
+    follow_endpoints: bool = True                          # attach to every registered endpoint
+    state_dir: Optional[str] = None
+    node_name: str = field(default_factory=socket.gethostname)
+    batch_size: int = 1000
+    flush_interval: float = 0.2
+    drain_ms: int = 50
+    update_interval: float = 5.0
+    sweep_interval: float = 2.0
+    tcp_idle_timeout: float = 300.0
+    idle_timeout: float = 60.0
+    closed_timeout: float = 2.0
+    flow_entries: int = 65536
+    max_queue: int = 200_000
+    token: Optional[str] = None
+
+
+@dataclass
+class AgentStats:
+    events: int = 0
+    flows: int = 0
+    expired: int = 0
+    kernel_lost: int = 0
+    map_insert_failures: int = 0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, shipper: Optional[Shipper] = None,
+                 on_flows: Optional[Callable[[list[schema.Flow]], None]] = None):
+        self.cfg = cfg
+        self.store = EndpointStore(cfg.state_dir)
+        self.shipper = shipper if shipper is not None else Shipper(
+            cfg.server, cfg.node_name, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
+            max_queue=cfg.max_queue, token=cfg.token)
+        self.on_flows = on_flows
+        self.stats = AgentStats()
+        self.stop_event = threading.Event()
+        self.dp: Optional[Datapath] = None
+        self._raw: list[bytes] = []
+        self._ep_version: tuple[int, int] = (-1, -1)
+        self._endpoints: list[EndpointRecord] = []
+        self._ifnames: dict[int, str] = {}
+        self._lost_seen: list[list[int]] = []
+        self._builder: Optional[ev.FlowBuilder] = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        cfg = self.cfg
+        self.dp = Datapath(update_interval_s=cfg.update_interval, flow_entries=cfg.flow_entries)
+        self.dp.open_events(self._raw.append)
+        self._lost_seen = self.dp.read_stats()
+        self._builder = ev.FlowBuilder(cfg.node_name, EndpointIndex(), {},
+                                       time.time_ns() - time.monotonic_ns(),
+                                       emitter_version=_version())
+        self._refresh(force=True)
+        self.shipper.start()
+
+    def run(self) -> None:
+        """Run until stop() or a signal; always cleans up."""
+        try:
+            if self.dp is None:
+                self.start()
+            last_refresh = last_sweep = time.monotonic()
+            while not self.stop_event.is_set():
+                self.dp.poll(self.cfg.drain_ms)
+                self._process_raw()
+                now = time.monotonic()
+                if now - last_refresh >= 1.0:
+                    last_refresh = now
+                    self._refresh()
+                    self._account_kernel_loss()
+                if now - last_sweep >= self.cfg.sweep_interval:
+                    last_sweep = now
+                    self.sweep()
+        finally:
+            self.close()
+
+    def stop(self, *_args) -> None:
+        self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
+
+    def close(self) -> None:
+        dp, self.dp = self.dp, None
+        if dp is not None:
+            try:
+                dp.poll(0)
+                self._process_raw()
+                self._account_kernel_loss(dp)
+            finally:
+                dp.close()
+        self.shipper.close()
+        log.info("agent stopped: %s; shipper: %s", self.stats, self.shipper.stats)
+
+    # ---------------------------------------------------------------- events -> flows
+
+    def _process_raw(self) -> None:
+        raw, self._raw = self._raw, []
+        if not raw:
+            return
+        build = self._builder.build
+        decode = ev.decode_event
+        flows = [build(decode(r)) for r in raw]
+        self.stats.events += len(raw)
+        self._emit(flows)
+
+    def _emit(self, flows: list[schema.Flow]) -> None:
+        self.stats.flows += len(flows)
+        self.shipper.put(flows)
+        if self.on_flows is not None:
+            self.on_flows(flows)
+
+    def sweep(self) -> int:
+        """Expire idle and closed flows: one final record each, then delete them from the map."""
+        if self.dp is None:
+            return 0
+        cfg = self.cfg
+        now = time.monotonic_ns()
+        entries = dict(self.dp.snapshot_flows())
+        expired_keys = []
+        flows = []
+        for key, val in entries.items():
+            first, last, _rep, _pk, _by, fseen, _reply, _it, _ic = ev.VAL.unpack(val)
+            proto = key[41]
+            idle = (now - last) / 1e9
+            if proto == ev.IPPROTO_TCP:
+                closed = bool(fseen & (ev.TCP_FIN | ev.TCP_RST))
+                if not ((closed and idle >= cfg.closed_timeout) or idle >= cfg.tcp_idle_timeout):
+                    continue
+            elif idle < cfg.idle_timeout:
+                continue
+            expired_keys.append(key)
+            rev = entries.get(ev.reverse_key(key))
+            flows.append(self._builder.build(ev.expire_event(key, val, rev, now)))
+        if expired_keys:
+            self.dp.delete_flows(expired_keys)
+            self.stats.expired += len(expired_keys)
+            self._emit(flows)
+        return len(expired_keys)
+
+    # ---------------------------------------------------------------- loss accounting
+
+    def _account_kernel_loss(self, dp: Optional[Datapath] = None) -> None:
+        dp = dp or self.dp
+        if dp is None:
+            return
+        now = dp.read_stats()
+        for stat, source in ((ev.STAT_RINGBUF_FAIL, schema.LostEventSource.PERF_EVENT_RING_BUFFER.value),
+                             (ev.STAT_MAP_FAIL, schema.LostEventSource.PERF_EVENT_RING_BUFFER.value)):
+            for cpu, (before, after) in enumerate(zip(self._lost_seen[stat], now[stat])):
+                if after > before:
+                    self.shipper.report_lost(source, after - before, cpu)
+                    if stat == ev.STAT_RINGBUF_FAIL:
+                        self.stats.kernel_lost += after - before
+                    else:
+                        self.stats.map_insert_failures += after - before
+        self._lost_seen = now
+
+    # ---------------------------------------------------------------- interfaces and endpoints
+
+    def _refresh(self, force: bool = False) -> None:
+        version = self.store.version() if self.cfg.follow_endpoints else (0, 0)
+        names = interface_names()
+        if not force and version == self._ep_version and names == self._ifnames:
+            return
+        if version != self._ep_version:
+            self._endpoints = self.store.list() if self.cfg.follow_endpoints else []
+            self._ep_version = version
+        self._ifnames = names
+        wanted = match_interfaces(self.cfg.interfaces, names) if self.cfg.interfaces else {}
+        for rec in self._endpoints:
+            idx = rec.host_ifindex
+            if idx in names and (not rec.host_ifname or names[idx] == rec.host_ifname):
+                wanted[idx] = names[idx]
+        dp = self.dp
+        for idx in list(dp.attached):
+            if idx not in wanted:
+                if idx in names:
+                    dp.detach(idx)
+                else:
+                    dp.attached.pop(idx, None)  # the link is gone, and its qdisc with it
+        for idx, name in wanted.items():
+            if idx not in dp.attached:
+                try:
+                    dp.attach(idx, name)
+                except Exception as e:
+                    log.warning("cannot attach to %s: %s", name, e)
+        self._builder.index = EndpointIndex(self._endpoints, host_addresses())
+        self._builder.ifnames = names
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("flowscope")
+    except Exception:
+        return ""
+
+
+def run_agent(cfg: AgentConfig) -> int:
+    agent = Agent(cfg)
+    agent.install_signal_handlers()
+    agent.start()
+    log.info("agent on node %s shipping to %s; attached to %s", cfg.node_name, cfg.server,
+             ", ".join(a.ifname for a in agent.dp.attached.values()) or "nothing yet")
+    agent.run()
+    return 0

@@ -1,0 +1,286 @@
+"""The kernel side of the probe: load the tc program once (bcc), attach it to interfaces (pyroute2),
+read its ring buffer, counters and flow map, and detach cleanly.
+
+The program is compiled once per agent (1-2 s of clang) and the same two fds are attached to every
+interface. Filters are installed with a fixed priority and the program names ``fs_ingress`` /
+``fs_egress``, so a restarted agent can find and replace filters a killed one left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from probe import events as ev
+
+log = logging.getLogger("flowscope.datapath")
+
+BPF_SOURCE = Path(__file__).with_name("bpf") / "flow.c"
+PARENT_INGRESS = "ffff:fff2"
+PARENT_EGRESS = "ffff:fff3"
+FILTER_PRIO = 0xC0DE & 0x7FFF  # our own priority on each hook; nothing else of ours uses it
+PROG_NAMES = ("fs_ingress", "fs_egress")
+
+
+class DatapathError(RuntimeError):
+    pass
+
+
+def ensure_kernel_fs() -> None:
+    """Mount bpffs and tracefs if absent (idempotent)."""
+    for target, fstype in (("/sys/fs/bpf", "bpf"), ("/sys/kernel/tracing", "tracefs")):
+        if os.path.ismount(target) or not os.path.isdir(target):
+            continue
+        subprocess.run(["mount", "-t", fstype, fstype, target], capture_output=True)
+
+
+def _import_bcc():
+    try:
+        from bcc import BPF  # Debian's python3-bpfcc
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise DatapathError(
+            "bcc is not importable: run `make setup` (installs python3-bpfcc and makes .venv with "
+            "--system-site-packages)") from e
+    return BPF
+
+
+@dataclass
+class Attachment:
+    ifindex: int
+    ifname: str
+    created_clsact: bool
+
+
+class Datapath:
+    """The loaded tc program and its maps."""
+
+    def __init__(self, update_interval_s: float = 5.0, flow_entries: int = 65536,
+                 ringbuf_pages: int = 1024):
+        if os.geteuid() != 0:
+            raise DatapathError("loading BPF programs needs root (CAP_BPF and CAP_NET_ADMIN)")
+        ensure_kernel_fs()
+        BPF = _import_bcc()
+        self._BPF = BPF
+        cflags = [
+            f"-DUPDATE_NS={int(update_interval_s * 1e9)}ULL",
+            f"-DFLOW_ENTRIES={int(flow_entries)}",
+            f"-DRINGBUF_PAGES={int(ringbuf_pages)}",
+            "-Wno-unused-label",
+        ]
+        try:
+            self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
+        except Exception as e:
+            raise DatapathError(f"compiling {BPF_SOURCE.name} failed: {e}. Kernel headers are expected at "
+                                f"/lib/modules/{os.uname().release}/build (run `make setup`).") from e
+        self.fn_ingress = self.bpf.load_func(b"fs_ingress", BPF.SCHED_CLS)
+        self.fn_egress = self.bpf.load_func(b"fs_egress", BPF.SCHED_CLS)
+        self.flows = self.bpf[b"flows"]
+        self.stats = self.bpf[b"stats"]
+        self.attached: dict[int, Attachment] = {}
+        from pyroute2 import IPRoute
+
+        self.ipr = IPRoute()
+        self._ring_open = False
+
+    # ---------------------------------------------------------------- attach / detach
+
+    def attach(self, ifindex: int, ifname: str = "") -> None:
+        if ifindex in self.attached:
+            return
+        created = False
+        try:
+            self.ipr.tc("add", "clsact", ifindex)
+            created = True
+        except Exception as e:  # NetlinkError EEXIST: a clsact is already there (ours or another tool's)
+            if getattr(e, "code", None) != errno.EEXIST:
+                raise DatapathError(f"adding clsact to {ifname or ifindex}: {e}") from e
+        self._remove_our_filters(ifindex)
+        try:
+            for fn, parent in ((self.fn_ingress, PARENT_INGRESS), (self.fn_egress, PARENT_EGRESS)):
+                self.ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fn.fd, name=fn.name.decode(),
+                            parent=parent, classid=1, direct_action=True, prio=FILTER_PRIO)
+        except Exception as e:
+            self._restore(ifindex, created)
+            raise DatapathError(f"attaching the probe to {ifname or ifindex}: {e}") from e
+        self.attached[ifindex] = Attachment(ifindex, ifname, created)
+        log.info("probe attached to %s (ifindex %d)", ifname or "?", ifindex)
+
+    def detach(self, ifindex: int) -> None:
+        att = self.attached.pop(ifindex, None)
+        if att is None:
+            return
+        self._restore(ifindex, att.created_clsact)
+        log.info("probe detached from %s (ifindex %d)", att.ifname or "?", ifindex)
+
+    def _restore(self, ifindex: int, created_clsact: bool) -> None:
+        """Leave the interface as we found it: drop the clsact we created, or only our filters."""
+        try:
+            if created_clsact:
+                self.ipr.tc("del", "clsact", ifindex)
+            else:
+                self._remove_our_filters(ifindex)
+        except Exception as e:  # interface already gone: nothing to restore
+            if getattr(e, "code", None) not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+                log.warning("restoring ifindex %d: %s", ifindex, e)
+
+    def _remove_our_filters(self, ifindex: int) -> None:
+        for parent in (PARENT_INGRESS, PARENT_EGRESS):
+            try:
+                self.ipr.tc("del-filter", "bpf", ifindex, ":1", parent=parent, prio=FILTER_PRIO)
+            except Exception:
+                pass  # none of ours there
+
+    def detach_all(self) -> None:
+        for ifindex in list(self.attached):
+            self.detach(ifindex)
+
+    # ---------------------------------------------------------------- events and counters
+
+    def open_events(self, on_event: Callable[[bytes], None]) -> None:
+        def _cb(_ctx, data, size):
+            on_event(ct.string_at(data, size))
+            return 0
+
+        self._cb = _cb  # keep a reference: bcc holds only a C pointer
+        self.bpf[b"events"].open_ring_buffer(_cb)
+        self._ring_open = True
+
+    def poll(self, timeout_ms: int) -> None:
+        """Sleep up to timeout_ms, then drain everything waiting. The kernel never wakes us (no
+        per-event wakeup cost on the packet path), so this timer is the drain cadence."""
+        self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
+
+    def read_stats(self) -> list[list[int]]:
+        """Per-CPU counters: result[stat_index][cpu]."""
+        out = []
+        for i in range(ev.STAT_MAX):
+            vals = self.stats[ct.c_int(i)]
+            out.append([int(v) for v in vals])
+        return out
+
+    # ---------------------------------------------------------------- the flow map
+
+    def snapshot_flows(self) -> list[tuple[bytes, bytes]]:
+        """All (key, value) entries as raw bytes, read with batched lookups."""
+        out = []
+        try:
+            items = self.flows.items_lookup_batch()
+            for k, v in items:
+                out.append((bytes(k), bytes(v)))
+        except Exception:  # older kernels/bcc: fall back to key-by-key
+            for k, v in self.flows.items():
+                out.append((bytes(k), bytes(v)))
+        return out
+
+    def delete_flows(self, keys: Iterable[bytes]) -> int:
+        keys = list(keys)
+        if not keys:
+            return 0
+        KeyT = self.flows.Key
+        arr = (KeyT * len(keys))()
+        for i, k in enumerate(keys):
+            ct.memmove(ct.byref(arr[i]), k, ct.sizeof(KeyT))
+        try:
+            self.flows.items_delete_batch(arr)
+        except Exception:
+            for i in range(len(keys)):
+                try:
+                    del self.flows[arr[i]]
+                except KeyError:
+                    pass
+        return len(keys)
+
+    def close(self) -> None:
+        self.detach_all()
+        try:
+            self.ipr.close()
+        except Exception:
+            pass
+        try:
+            self.bpf.cleanup()
+        except Exception:
+            pass
+
+
+def find_stale_attachments(ipr=None) -> list[int]:
+    """ifindexes that carry a filter named like ours (left by an agent that was killed)."""
+    from pyroute2 import IPRoute
+
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    found = []
+    try:
+        for link in ipr.get_links():
+            idx = link["index"]
+            for parent in (0xFFFFFFF2, 0xFFFFFFF3):
+                try:
+                    filters = ipr.get_filters(idx, parent=parent)
+                except Exception:
+                    continue
+                for f in filters:
+                    opts = f.get_attr("TCA_OPTIONS")
+                    name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+                    if name and any(str(name).startswith(p) for p in PROG_NAMES):
+                        found.append(idx)
+                        break
+                if found and found[-1] == idx:
+                    break
+    finally:
+        if own:
+            ipr.close()
+    return found
+
+
+def remove_stale_attachments() -> list[int]:
+    """Remove our filters from every interface (used at agent start and by `flowscope agent --cleanup`)."""
+    from pyroute2 import IPRoute
+
+    removed = []
+    with IPRoute() as ipr:
+        for idx in find_stale_attachments(ipr):
+            for parent in (PARENT_INGRESS, PARENT_EGRESS):
+                try:
+                    ipr.tc("del-filter", "bpf", idx, ":1", parent=parent, prio=FILTER_PRIO)
+                except Exception:
+                    pass
+            removed.append(idx)
+    return removed
+
+
+def interface_names(ipr=None) -> dict[int, str]:
+    from pyroute2 import IPRoute
+
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    try:
+        return {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+    finally:
+        if own:
+            ipr.close()
+
+
+def host_addresses(ipr=None) -> list[str]:
+    from pyroute2 import IPRoute
+
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    try:
+        return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS")]
+    finally:
+        if own:
+            ipr.close()
+
+
+def match_interfaces(patterns: Iterable[str], names: dict[int, str]) -> dict[int, str]:
+    """Interfaces whose name matches any glob pattern."""
+    import fnmatch
+
+    pats = list(patterns)
+    return {i: n for i, n in names.items() if any(fnmatch.fnmatchcase(n, p) for p in pats)}

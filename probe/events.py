@@ -1,0 +1,201 @@
+"""Decode the tc program's events and flow-map entries into Hubble flows. Pure: no bcc, no I/O.
+
+The binary layouts mirror ``probe/bpf/flow.c`` (``struct flow_key``, ``struct flow_val``,
+``struct event``); :data:`EVENT`, :data:`KEY` and :data:`VAL` are checked against the C sizes when
+the program loads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from flowscope import schema
+from flowscope.endpoints import EndpointIndex
+
+# --- layouts (little-endian, natural alignment as clang lays the C structs out) ---------------
+KEY = struct.Struct("<16s16sHHIBBBB")                  # 44 bytes
+VAL = struct.Struct("<QQQQQHBBB3x")                    # 48 bytes
+EVENT = struct.Struct("<44s4xQQQQQQQHHBBBBII")         # 120 bytes
+
+# Constants shared with flow.c.
+DIR_INGRESS, DIR_EGRESS = 1, 2
+EV_NEW, EV_FLAGS, EV_CLOSE, EV_UPDATE = 1, 2, 3, 4
+EV_EXPIRE = 100  # produced by the agent's sweep, not by the kernel
+EVENT_NAMES = {EV_NEW: "new", EV_FLAGS: "flags", EV_CLOSE: "close", EV_UPDATE: "update", EV_EXPIRE: "expire"}
+REPLY_NO, REPLY_YES, REPLY_UNKNOWN = 0, 1, 2
+STAT_PACKETS, STAT_EVENTS, STAT_RINGBUF_FAIL, STAT_MAP_FAIL, STAT_NON_IP, STAT_MAX = range(6)
+
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6, IPPROTO_SCTP = 1, 6, 17, 58, 132
+TCP_FIN, TCP_RST = 0x01, 0x04
+
+# Cilium's trace sub-types for event_type.sub_type.
+TRACE_TO_LXC, TRACE_FROM_LXC = 0, 5
+
+ICMP4_NAMES = {0: "EchoReply", 3: "DestinationUnreachable", 5: "Redirect", 8: "EchoRequest", 11: "TimeExceeded"}
+ICMP6_NAMES = {1: "DestinationUnreachable", 2: "PacketTooBig", 3: "TimeExceeded", 128: "EchoRequest",
+               129: "EchoReply", 133: "RouterSolicitation", 134: "RouterAdvertisement",
+               135: "NeighborSolicitation", 136: "NeighborAdvertisement"}
+
+
+@dataclass(slots=True)
+class RawEvent:
+    """One state change of one flow direction, as the kernel (or the sweep) reported it."""
+
+    saddr: bytes
+    daddr: bytes
+    sport: int
+    dport: int
+    ifindex: int
+    family: int
+    proto: int
+    dir: int
+    ts_ns: int            # monotonic clock
+    first_ns: int
+    packets: int
+    bytes: int
+    rev_packets: int
+    rev_bytes: int
+    rev_first_ns: int
+    tcp_flags: int        # flags of the packet that caused the event
+    flags_seen: int
+    type: int
+    is_reply: int
+    icmp_type: int
+    icmp_code: int
+
+
+def decode_event(raw: bytes) -> RawEvent:
+    (key, ts, first, pk, by, rpk, rby, rfirst, tflags, fseen, typ, reply, it, ic, _len,
+     _pad) = EVENT.unpack_from(raw)
+    saddr, daddr, sport, dport, ifindex, family, proto, dir_, _ = KEY.unpack(key)
+    return RawEvent(saddr, daddr, sport, dport, ifindex, family, proto, dir_, ts, first, pk, by, rpk, rby,
+                    rfirst, tflags, fseen, typ, reply, it, ic)
+
+
+def reverse_key(key: bytes) -> bytes:
+    saddr, daddr, sport, dport, ifindex, family, proto, dir_, pad = KEY.unpack(key)
+    return KEY.pack(daddr, saddr, dport, sport, ifindex, family, proto,
+                    DIR_EGRESS if dir_ == DIR_INGRESS else DIR_INGRESS, pad)
+
+
+def expire_event(key: bytes, val: bytes, rev_val: Optional[bytes], now_mono_ns: int) -> RawEvent:
+    """A final record for a flow-map entry the sweep removes (its last counters)."""
+    saddr, daddr, sport, dport, ifindex, family, proto, dir_, _ = KEY.unpack(key)
+    first, last, _rep, pk, by, fseen, reply, it, ic = VAL.unpack(val)
+    rpk = rby = rfirst = 0
+    if rev_val is not None:
+        rfirst, _rl, _rr, rpk, rby, *_ = VAL.unpack(rev_val)
+    return RawEvent(saddr, daddr, sport, dport, ifindex, family, proto, dir_, last, first, pk, by, rpk, rby,
+                    rfirst, 0, fseen, EV_EXPIRE, reply, it, ic)
+
+
+def _addr(family: int, raw: bytes) -> str:
+    if family == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def tcp_summary(flags: int) -> str:
+    names = [n for n in schema.TCP_FLAG_NAMES if flags & schema.TCP_FLAG_BITS[n]]
+    return "TCP Flags: " + ", ".join(names) if names else "TCP"
+
+
+class UuidSource:
+    """Unique flow ids in UUID form: a random per-process prefix and a counter (cheap, no collisions)."""
+
+    def __init__(self) -> None:
+        r = os.urandom(10).hex()
+        self._prefix = f"{r[:8]}-{r[8:12]}-4{r[12:15]}-{'89ab'[int(r[15], 16) % 4]}{r[16:19]}-"
+        self._n = 0
+
+    def __call__(self) -> str:
+        self._n += 1
+        return f"{self._prefix}{self._n:012x}"
+
+
+class FlowBuilder:
+    """Turns RawEvents into enriched Hubble flows.
+
+    ``clock_offset_ns`` converts the kernel's monotonic timestamps to wall-clock time.
+    """
+
+    def __init__(self, node_name: str, index: EndpointIndex, ifnames: dict[int, str],
+                 clock_offset_ns: int, uuid_source: Optional[Callable[[], str]] = None,
+                 emitter_version: str = ""):
+        self.node_name = node_name
+        self.index = index
+        self.ifnames = ifnames
+        self.clock_offset_ns = clock_offset_ns
+        self.uuid = uuid_source or UuidSource()
+        self._emitter = schema.Emitter(name="Flowscope", version=emitter_version) if emitter_version else None
+
+    def build(self, e: RawEvent) -> schema.Flow:
+        src = _addr(e.family, e.saddr)
+        dst = _addr(e.family, e.daddr)
+        proto = e.proto
+        l4: Optional[schema.Layer4]
+        if proto == IPPROTO_TCP:
+            l4 = schema.Layer4(TCP=schema.TCP(source_port=e.sport, destination_port=e.dport,
+                                              flags=schema.TCPFlags(**schema.tcp_flags_dict(e.tcp_flags))))
+            summary = tcp_summary(e.tcp_flags or e.flags_seen)
+        elif proto == IPPROTO_UDP:
+            l4 = schema.Layer4(UDP=schema.UDP(source_port=e.sport, destination_port=e.dport))
+            summary = "UDP"
+        elif proto == IPPROTO_SCTP:
+            l4 = schema.Layer4(SCTP=schema.SCTP(source_port=e.sport, destination_port=e.dport))
+            summary = "SCTP"
+        elif proto == IPPROTO_ICMP:
+            l4 = schema.Layer4(ICMPv4=schema.ICMPv4(type=e.icmp_type, code=e.icmp_code))
+            summary = "ICMPv4 " + ICMP4_NAMES.get(e.icmp_type, f"Type{e.icmp_type}")
+        elif proto == IPPROTO_ICMPV6:
+            l4 = schema.Layer4(ICMPv6=schema.ICMPv6(type=e.icmp_type, code=e.icmp_code))
+            summary = "ICMPv6 " + ICMP6_NAMES.get(e.icmp_type, f"Type{e.icmp_type}")
+        else:
+            l4 = None
+            summary = f"IP protocol {proto}"
+
+        is_reply = None if e.is_reply == REPLY_UNKNOWN else bool(e.is_reply)
+        from_endpoint = e.dir == DIR_EGRESS
+        # Cilium's rule: the direction of the *connection* from the endpoint's view; replies flip it.
+        conn_egress = from_endpoint != bool(is_reply)
+        direction = schema.TrafficDirection.EGRESS if conn_egress else schema.TrafficDirection.INGRESS
+        point = (schema.TraceObservationPoint.FROM_ENDPOINT if from_endpoint
+                 else schema.TraceObservationPoint.TO_ENDPOINT)
+
+        if from_endpoint:
+            egress_p, egress_b, ingress_p, ingress_b = e.packets, e.bytes, e.rev_packets, e.rev_bytes
+        else:
+            egress_p, egress_b, ingress_p, ingress_b = e.rev_packets, e.rev_bytes, e.packets, e.bytes
+        start = min(e.first_ns, e.rev_first_ns) if e.rev_first_ns else e.first_ns
+        off = self.clock_offset_ns
+        ext = schema.FlowscopeExtension(
+            event=EVENT_NAMES.get(e.type, str(e.type)),
+            egress_packets=str(egress_p), egress_bytes=str(egress_b),
+            ingress_packets=str(ingress_p), ingress_bytes=str(ingress_b),
+            flow_start=schema.format_timestamp(start + off), flow_end=schema.format_timestamp(e.ts_ns + off),
+        )
+        return schema.Flow(
+            time=schema.format_timestamp(e.ts_ns + off),
+            uuid=self.uuid(),
+            emitter=self._emitter,
+            verdict=schema.Verdict.FORWARDED,
+            IP=schema.IP(source=src, destination=dst,
+                         ipVersion=schema.IPVersion.IPv4 if e.family == 4 else schema.IPVersion.IPv6),
+            l4=l4,
+            source=self.index.endpoint_for_ip(src),
+            destination=self.index.endpoint_for_ip(dst),
+            Type=schema.FlowType.L3_L4,
+            node_name=self.node_name,
+            event_type=schema.CiliumEventType(type=schema.EVENT_TRACE,
+                                              sub_type=TRACE_FROM_LXC if from_endpoint else TRACE_TO_LXC),
+            traffic_direction=direction,
+            trace_observation_point=point,
+            is_reply=is_reply,
+            interface=schema.NetworkInterface(index=e.ifindex, name=self.ifnames.get(e.ifindex, "")),
+            Summary=summary,
+            flowscope=ext,
+        )

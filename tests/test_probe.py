@@ -1,0 +1,269 @@
+"""The tc probe in the real kernel, with real traffic between two network namespaces."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flowscope import schema
+from flowscope.endpoints import EndpointRecord, EndpointStore
+
+pytestmark = pytest.mark.root
+
+
+class ListSink:
+    """An in-process consumer of the agent's output (stands where the shipper stands)."""
+
+    def __init__(self):
+        self.flows: list[schema.Flow] = []
+        self.lost: list[tuple[str, int, int | None]] = []
+
+    def start(self):
+        pass
+
+    def put(self, flows):
+        self.flows.extend(flows)
+
+    def report_lost(self, source, n, cpu=None):
+        self.lost.append((source, n, cpu))
+
+    def close(self, deadline_s: float = 0):
+        pass
+
+    stats = None
+
+
+@pytest.fixture
+def probe_env(lab, tmp_path):
+    from probe.agent import Agent, AgentConfig
+
+    client = lab.add("client")
+    srv = lab.add("server")
+    store = EndpointStore(tmp_path)
+    for ep, app in ((client, "client"), (srv, "server")):
+        store.put(EndpointRecord(container_id=f"c-{app}", host_ifname=ep.host_if, host_ifindex=ep.ifindex,
+                                 ips=[ep.ipv4, ep.ipv6], namespace="test", pod_name=f"{app}-0",
+                                 labels={"app": app}, endpoint_id=ep.ifindex, identity=1000 + ep.ifindex))
+    sink = ListSink()
+    cfg = AgentConfig(state_dir=str(tmp_path), node_name="node-t", update_interval=1.0, drain_ms=20)
+    agent = Agent(cfg, shipper=sink)
+    agent.start()
+    try:
+        yield agent, sink, client, srv
+    finally:
+        agent.close()
+    # the interfaces are left as they were found: no clsact qdisc remains on them
+    for ep in (client, srv):
+        out = subprocess.run(["tc", "qdisc", "show", "dev", ep.host_if], capture_output=True, text=True).stdout
+        assert "clsact" not in out
+
+
+def pump(agent, seconds=0.5):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        agent.dp.poll(20)
+        agent._process_raw()
+
+
+def tcp_records(flows, sport=None, dport=None):
+    out = []
+    for f in flows:
+        if f.l4 and f.l4.TCP and (dport is None or dport in (f.l4.TCP.destination_port, f.l4.TCP.source_port)):
+            out.append(f)
+    return out
+
+
+def test_tcp_http_flow_records(probe_env):
+    agent, sink, client, srv = probe_env
+    p = srv.popen([sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if client.exec(["curl", "-s", "-o", "/dev/null", f"http://{srv.ipv4}:8080/"], check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        sink.flows.clear()
+        r = client.exec(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{local_port}", f"http://{srv.ipv4}:8080/"])
+        code, cport = r.stdout.split()
+        assert code == "200"
+        cport = int(cport)
+        pump(agent, 0.5)
+    finally:
+        p.terminate()
+        p.wait(5)
+
+    conn = [f for f in tcp_records(sink.flows, dport=8080) if cport in (f.l4.TCP.source_port, f.l4.TCP.destination_port)]
+    assert conn, "no flow records for the curl connection"
+    for f in conn:
+        assert f.verdict == schema.Verdict.FORWARDED
+        assert f.Type == schema.FlowType.L3_L4
+        assert f.node_name == "node-t"
+        assert {f.IP.source, f.IP.destination} == {client.ipv4, srv.ipv4}
+
+    def one(iface, src, flags_pred):
+        m = [f for f in conn if f.interface.name == iface and f.IP.source == src and flags_pred(f.l4.TCP.flags)]
+        assert m, f"no record on {iface} from {src}"
+        return m[0]
+
+    syn_out = one(client.host_if, client.ipv4, lambda fl: fl.SYN and not fl.ACK)
+    assert syn_out.traffic_direction == schema.TrafficDirection.EGRESS
+    assert syn_out.trace_observation_point == schema.TraceObservationPoint.FROM_ENDPOINT
+    assert syn_out.is_reply is False
+    assert syn_out.l4.TCP.source_port == cport and syn_out.l4.TCP.destination_port == 8080
+    assert syn_out.source.pod_name == "client-0" and "k8s:app=client" in syn_out.source.labels
+    assert syn_out.destination.pod_name == "server-0" and syn_out.destination.namespace == "test"
+    assert syn_out.flowscope.event == "new"
+
+    syn_in = one(srv.host_if, client.ipv4, lambda fl: fl.SYN and not fl.ACK)
+    assert syn_in.traffic_direction == schema.TrafficDirection.INGRESS
+    assert syn_in.trace_observation_point == schema.TraceObservationPoint.TO_ENDPOINT
+    assert syn_in.is_reply is False
+
+    synack = one(srv.host_if, srv.ipv4, lambda fl: fl.SYN and fl.ACK)
+    assert synack.is_reply is True
+    # Cilium's rule: a reply belongs to the connection's direction (ingress to the server)
+    assert synack.traffic_direction == schema.TrafficDirection.INGRESS
+    assert synack.l4.TCP.source_port == 8080
+
+    fin = [f for f in conn if f.l4.TCP.flags and f.l4.TCP.flags.FIN]
+    assert fin and all(f.flowscope.event == "close" for f in fin)
+    # the JSON of a probe flow is Hubble-shaped
+    doc = schema.dump_flow(syn_out)
+    assert doc["l4"]["TCP"]["flags"] == {"SYN": True}
+    assert doc["traffic_direction"] == "EGRESS" and doc["is_reply"] is False
+
+
+def test_icmp_udp_and_ipv6(probe_env):
+    agent, sink, client, srv = probe_env
+    client.exec(["ping", "-c", "2", "-i", "0.2", srv.ipv4])
+    client.exec(["ping", "-c", "1", srv.ipv6])
+    u = srv.popen(["socat", "UDP-RECVFROM:5353,fork", "SYSTEM:echo pong"], stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL)
+    t = srv.popen([sys.executable, "-m", "http.server", "8081", "--bind", "::"], stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = client.exec("sh -c 'echo ping | socat -T1 - UDP:%s:5353'" % srv.ipv4).stdout
+        assert "pong" in out
+        for _ in range(30):
+            if client.exec(["curl", "-s", "-o", "/dev/null", f"http://[{srv.ipv6}]:8081/"], check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        pump(agent, 0.5)
+    finally:
+        for p in (u, t):
+            p.terminate()
+            p.wait(5)
+
+    echo_req = [f for f in sink.flows if f.l4 and f.l4.ICMPv4 and f.l4.ICMPv4.type == 8]
+    echo_rep = [f for f in sink.flows if f.l4 and f.l4.ICMPv4 and f.l4.ICMPv4.type == 0]
+    assert echo_req and echo_rep
+    assert all(f.is_reply is False for f in echo_req) and all(f.is_reply is True for f in echo_rep)
+    assert echo_req[0].Summary == "ICMPv4 EchoRequest"
+
+    v6echo = [f for f in sink.flows if f.l4 and f.l4.ICMPv6 and f.l4.ICMPv6.type == 128 and f.IP.destination == srv.ipv6]
+    assert v6echo and v6echo[0].IP.ipVersion == schema.IPVersion.IPv6
+
+    udp = [f for f in sink.flows if f.l4 and f.l4.UDP and 5353 in (f.l4.UDP.source_port, f.l4.UDP.destination_port)]
+    req = [f for f in udp if f.l4.UDP.destination_port == 5353 and f.interface.name == client.host_if]
+    rep = [f for f in udp if f.l4.UDP.source_port == 5353 and f.interface.name == client.host_if]
+    assert req and req[0].is_reply is False and req[0].traffic_direction == schema.TrafficDirection.EGRESS
+    assert rep and rep[0].is_reply is True and rep[0].traffic_direction == schema.TrafficDirection.EGRESS
+
+    v6tcp = [f for f in tcp_records(sink.flows, dport=8081) if f.IP.source == client.ipv6]
+    assert v6tcp and v6tcp[0].IP.ipVersion == schema.IPVersion.IPv6
+    assert v6tcp[0].source.pod_name == "client-0"
+
+
+def _iface_counters(name: str) -> dict[str, int]:
+    base = Path(f"/sys/class/net/{name}/statistics")
+    return {k: int((base / k).read_text()) for k in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")}
+
+
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 not installed (make setup installs it)")
+def test_counters_match_interface_counters(probe_env):
+    """For a known transfer, the flows' packet/byte counters equal the veth's own counters (within 1 %)."""
+    agent, sink, client, srv = probe_env
+    server = srv.popen(["iperf3", "-s", "-1", "-p", "5201"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    pump(agent, 0.1)
+    before = _iface_counters(client.host_if)
+    entries_before = {k: v for k, v in agent.dp.snapshot_flows()}
+    client.exec(["iperf3", "-c", srv.ipv4, "-p", "5201", "-n", "40M"], timeout=60)
+    server.wait(10)
+    time.sleep(0.2)
+    after = _iface_counters(client.host_if)
+    from probe import events as ev
+
+    sent_b = sent_p = recv_b = recv_p = 0
+    for key, val in agent.dp.snapshot_flows():
+        _s, _d, _sp, _dp, ifindex, _fam, _proto, dir_, _ = ev.KEY.unpack(key)
+        if ifindex != client.ifindex:
+            continue
+        _f, _l, _r, pk, by, *_ = ev.VAL.unpack(val)
+        if key in entries_before:
+            _f0, _l0, _r0, pk0, by0, *_ = ev.VAL.unpack(entries_before[key])
+            pk, by = pk - pk0, by - by0
+        if dir_ == ev.DIR_EGRESS:
+            sent_b, sent_p = sent_b + by, sent_p + pk
+        else:
+            recv_b, recv_p = recv_b + by, recv_p + pk
+    # what the pod sent arrives at the host veth as rx; what it receives leaves the host veth as tx
+    d_rx_b = after["rx_bytes"] - before["rx_bytes"]
+    d_tx_b = after["tx_bytes"] - before["tx_bytes"]
+    d_rx_p = after["rx_packets"] - before["rx_packets"]
+    d_tx_p = after["tx_packets"] - before["tx_packets"]
+    assert d_rx_b > 40_000_000
+    assert abs(sent_b - d_rx_b) <= 0.01 * d_rx_b, (sent_b, d_rx_b)
+    assert abs(recv_b - d_tx_b) <= 0.01 * d_tx_b, (recv_b, d_tx_b)
+    assert abs(sent_p - d_rx_p) <= 0.01 * d_rx_p + 2, (sent_p, d_rx_p)
+    assert abs(recv_p - d_tx_p) <= 0.01 * d_tx_p + 2, (recv_p, d_tx_p)
+
+    # the expiry sweep delivers the final counters of the closed connection
+    agent.cfg.closed_timeout = 0
+    pump(agent, 0.1)
+    sink.flows.clear()
+    assert agent.sweep() > 0
+    final = [f for f in sink.flows if f.flowscope.event == "expire" and f.l4 and f.l4.TCP
+             and f.l4.TCP.destination_port == 5201 and f.interface.name == client.host_if
+             and f.IP.source == client.ipv4]
+    assert final
+    big = max(final, key=lambda f: int(f.flowscope.egress_bytes))
+    assert int(big.flowscope.egress_bytes) > 40_000_000
+
+
+def _our_filters(dev: str, hook: str) -> int:
+    out = subprocess.run(["tc", "filter", "show", "dev", dev, hook], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if "name fs_" in line)
+
+
+def test_no_loss_and_stale_filters_replaced(probe_env):
+    """Kernel loss counters stay at zero for normal traffic; filters left by a killed agent are replaced
+    (never duplicated) and can be cleaned up."""
+    from probe import events as ev
+    from probe.datapath import Datapath, find_stale_attachments, remove_stale_attachments
+
+    agent, sink, client, srv = probe_env
+    client.exec(["ping", "-c", "3", "-i", "0.2", srv.ipv4])
+    pump(agent, 0.3)
+    agent._account_kernel_loss()
+    assert sink.lost == []
+    stats = agent.dp.read_stats()
+    assert sum(stats[ev.STAT_EVENTS]) > 0 and sum(stats[ev.STAT_RINGBUF_FAIL]) == 0
+    assert _our_filters(client.host_if, "ingress") == 1 and _our_filters(client.host_if, "egress") == 1
+
+    # a second agent attaching to the same interface replaces the filters
+    other = Datapath()
+    other.attach(client.ifindex, client.host_if)
+    assert _our_filters(client.host_if, "ingress") == 1 and _our_filters(client.host_if, "egress") == 1
+    # ... and if it dies without detaching, its filters are found and removed
+    other.attached.clear()
+    other.close()
+    assert client.ifindex in find_stale_attachments()
+    assert client.ifindex in remove_stale_attachments()
+    assert _our_filters(client.host_if, "ingress") == 0 and _our_filters(client.host_if, "egress") == 0
