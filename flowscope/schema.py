@@ -34,10 +34,17 @@ from msgspec import Meta
 _NS = 1_000_000_000
 
 
+_ts_base_cache: dict[int, str] = {}
+
+
 def format_timestamp(ns: int) -> str:
     """Render nanoseconds since the epoch the way protojson renders a Timestamp."""
     secs, nanos = divmod(int(ns), _NS)
-    base = datetime.fromtimestamp(secs, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    base = _ts_base_cache.get(secs)
+    if base is None:
+        if len(_ts_base_cache) > 4096:
+            _ts_base_cache.clear()
+        base = _ts_base_cache[secs] = datetime.fromtimestamp(secs, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     if nanos == 0:
         return base + "Z"
     if nanos % 1_000_000 == 0:

@@ -83,7 +83,7 @@ class Agent:
     def start(self) -> None:
         cfg = self.cfg
         self.dp = Datapath(update_interval_s=cfg.update_interval, flow_entries=cfg.flow_entries)
-        self.dp.open_events(self._raw.append)
+        self.dp.open_events(self._on_raw)
         self._lost_seen = self.dp.read_stats()
         self._builder = ev.FlowBuilder(cfg.node_name, EndpointIndex(), {},
                                        time.time_ns() - time.monotonic_ns(),
@@ -131,6 +131,10 @@ class Agent:
         log.info("agent stopped: %s; shipper: %s", self.stats, self.shipper.stats)
 
     # ---------------------------------------------------------------- events -> flows
+
+    def _on_raw(self, raw: bytes) -> None:
+        # Look the list up on every call: _process_raw swaps in a fresh one.
+        self._raw.append(raw)
 
     def _process_raw(self) -> None:
         raw, self._raw = self._raw, []

@@ -117,32 +117,63 @@ class UuidSource:
         return f"{self._prefix}{self._n:012x}"
 
 
+_FORWARDED = schema.Verdict.FORWARDED
+_L3_L4 = schema.FlowType.L3_L4
+_EGRESS, _INGRESS = schema.TrafficDirection.EGRESS, schema.TrafficDirection.INGRESS
+_FROM_EP, _TO_EP = schema.TraceObservationPoint.FROM_ENDPOINT, schema.TraceObservationPoint.TO_ENDPOINT
+_IPV4, _IPV6 = schema.IPVersion.IPv4, schema.IPVersion.IPv6
+_TRACE_FROM = schema.CiliumEventType(type=schema.EVENT_TRACE, sub_type=TRACE_FROM_LXC)
+_TRACE_TO = schema.CiliumEventType(type=schema.EVENT_TRACE, sub_type=TRACE_TO_LXC)
+_TCP_FLAGS = [schema.TCPFlags(**schema.tcp_flags_dict(bits)) for bits in range(512)]
+_TCP_SUMMARY = [tcp_summary(bits) for bits in range(512)]
+
+
 class FlowBuilder:
     """Turns RawEvents into enriched Hubble flows.
 
     ``clock_offset_ns`` converts the kernel's monotonic timestamps to wall-clock time.
+    What does not change during a flow's life (addresses, endpoints, interface, non-TCP L4) is built
+    once per flow key and shared by its records; shared sub-objects are never mutated.
     """
 
     def __init__(self, node_name: str, index: EndpointIndex, ifnames: dict[int, str],
                  clock_offset_ns: int, uuid_source: Optional[Callable[[], str]] = None,
-                 emitter_version: str = ""):
+                 emitter_version: str = "", cache_size: int = 65536):
         self.node_name = node_name
-        self.index = index
-        self.ifnames = ifnames
+        self._index = index
+        self._ifnames = ifnames
         self.clock_offset_ns = clock_offset_ns
         self.uuid = uuid_source or UuidSource()
         self._emitter = schema.Emitter(name="Flowscope", version=emitter_version) if emitter_version else None
+        self._cache: dict[tuple, tuple] = {}
+        self._cache_size = cache_size
 
-    def build(self, e: RawEvent) -> schema.Flow:
+    # Enrichment sources can be replaced at any time; cached parts built from them are dropped.
+    @property
+    def index(self) -> EndpointIndex:
+        return self._index
+
+    @index.setter
+    def index(self, value: EndpointIndex) -> None:
+        self._index = value
+        self._cache.clear()
+
+    @property
+    def ifnames(self) -> dict[int, str]:
+        return self._ifnames
+
+    @ifnames.setter
+    def ifnames(self, value: dict[int, str]) -> None:
+        self._ifnames = value
+        self._cache.clear()
+
+    def _static(self, e: RawEvent) -> tuple:
         src = _addr(e.family, e.saddr)
         dst = _addr(e.family, e.daddr)
         proto = e.proto
-        l4: Optional[schema.Layer4]
-        if proto == IPPROTO_TCP:
-            l4 = schema.Layer4(TCP=schema.TCP(source_port=e.sport, destination_port=e.dport,
-                                              flags=schema.TCPFlags(**schema.tcp_flags_dict(e.tcp_flags))))
-            summary = tcp_summary(e.tcp_flags or e.flags_seen)
-        elif proto == IPPROTO_UDP:
+        l4: Optional[schema.Layer4] = None
+        summary = ""
+        if proto == IPPROTO_UDP:
             l4 = schema.Layer4(UDP=schema.UDP(source_port=e.sport, destination_port=e.dport))
             summary = "UDP"
         elif proto == IPPROTO_SCTP:
@@ -154,48 +185,46 @@ class FlowBuilder:
         elif proto == IPPROTO_ICMPV6:
             l4 = schema.Layer4(ICMPv6=schema.ICMPv6(type=e.icmp_type, code=e.icmp_code))
             summary = "ICMPv6 " + ICMP6_NAMES.get(e.icmp_type, f"Type{e.icmp_type}")
-        else:
-            l4 = None
+        elif proto != IPPROTO_TCP:
             summary = f"IP protocol {proto}"
+        ip = schema.IP(source=src, destination=dst, ipVersion=_IPV4 if e.family == 4 else _IPV6)
+        iface = schema.NetworkInterface(index=e.ifindex, name=self._ifnames.get(e.ifindex, ""))
+        return (ip, self._index.endpoint_for_ip(src), self._index.endpoint_for_ip(dst), iface, l4, summary)
 
-        is_reply = None if e.is_reply == REPLY_UNKNOWN else bool(e.is_reply)
+    def build(self, e: RawEvent) -> schema.Flow:
+        ck = (e.saddr, e.daddr, e.sport, e.dport, e.proto, e.ifindex, e.icmp_type, e.icmp_code)
+        st = self._cache.get(ck)
+        if st is None:
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            st = self._cache[ck] = self._static(e)
+        ip, src_ep, dst_ep, iface, l4, summary = st
+        if e.proto == IPPROTO_TCP:
+            bits = e.tcp_flags & 0x1FF
+            l4 = schema.Layer4(TCP=schema.TCP(source_port=e.sport, destination_port=e.dport, flags=_TCP_FLAGS[bits]))
+            summary = _TCP_SUMMARY[bits or (e.flags_seen & 0x1FF)]
+
+        is_reply = None if e.is_reply == REPLY_UNKNOWN else e.is_reply == REPLY_YES
         from_endpoint = e.dir == DIR_EGRESS
         # Cilium's rule: the direction of the *connection* from the endpoint's view; replies flip it.
-        conn_egress = from_endpoint != bool(is_reply)
-        direction = schema.TrafficDirection.EGRESS if conn_egress else schema.TrafficDirection.INGRESS
-        point = (schema.TraceObservationPoint.FROM_ENDPOINT if from_endpoint
-                 else schema.TraceObservationPoint.TO_ENDPOINT)
-
+        direction = _EGRESS if from_endpoint != (is_reply is True) else _INGRESS
         if from_endpoint:
             egress_p, egress_b, ingress_p, ingress_b = e.packets, e.bytes, e.rev_packets, e.rev_bytes
         else:
             egress_p, egress_b, ingress_p, ingress_b = e.rev_packets, e.rev_bytes, e.packets, e.bytes
         start = min(e.first_ns, e.rev_first_ns) if e.rev_first_ns else e.first_ns
         off = self.clock_offset_ns
+        now = schema.format_timestamp(e.ts_ns + off)
         ext = schema.FlowscopeExtension(
             event=EVENT_NAMES.get(e.type, str(e.type)),
             egress_packets=str(egress_p), egress_bytes=str(egress_b),
             ingress_packets=str(ingress_p), ingress_bytes=str(ingress_b),
-            flow_start=schema.format_timestamp(start + off), flow_end=schema.format_timestamp(e.ts_ns + off),
+            flow_start=schema.format_timestamp(start + off), flow_end=now,
         )
         return schema.Flow(
-            time=schema.format_timestamp(e.ts_ns + off),
-            uuid=self.uuid(),
-            emitter=self._emitter,
-            verdict=schema.Verdict.FORWARDED,
-            IP=schema.IP(source=src, destination=dst,
-                         ipVersion=schema.IPVersion.IPv4 if e.family == 4 else schema.IPVersion.IPv6),
-            l4=l4,
-            source=self.index.endpoint_for_ip(src),
-            destination=self.index.endpoint_for_ip(dst),
-            Type=schema.FlowType.L3_L4,
-            node_name=self.node_name,
-            event_type=schema.CiliumEventType(type=schema.EVENT_TRACE,
-                                              sub_type=TRACE_FROM_LXC if from_endpoint else TRACE_TO_LXC),
-            traffic_direction=direction,
-            trace_observation_point=point,
-            is_reply=is_reply,
-            interface=schema.NetworkInterface(index=e.ifindex, name=self.ifnames.get(e.ifindex, "")),
-            Summary=summary,
-            flowscope=ext,
+            time=now, uuid=self.uuid(), emitter=self._emitter, verdict=_FORWARDED, IP=ip, l4=l4,
+            source=src_ep, destination=dst_ep, Type=_L3_L4, node_name=self.node_name,
+            event_type=_TRACE_FROM if from_endpoint else _TRACE_TO, traffic_direction=direction,
+            trace_observation_point=_FROM_EP if from_endpoint else _TO_EP, is_reply=is_reply,
+            interface=iface, Summary=summary, flowscope=ext,
         )

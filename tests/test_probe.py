@@ -255,6 +255,12 @@ def test_no_loss_and_stale_filters_replaced(probe_env):
     assert sink.lost == []
     stats = agent.dp.read_stats()
     assert sum(stats[ev.STAT_EVENTS]) > 0 and sum(stats[ev.STAT_RINGBUF_FAIL]) == 0
+    # every event the kernel submitted reached the agent (over several drains)
+    client.exec([sys.executable, "-c", "import socket\nfor _ in range(200):\n"
+                 "    s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('%s', 9)); s.close()"
+                 % srv.ipv4])
+    pump(agent, 0.3)
+    assert agent.stats.events == sum(agent.dp.read_stats()[ev.STAT_EVENTS]) > 200
     assert _our_filters(client.host_if, "ingress") == 1 and _our_filters(client.host_if, "egress") == 1
 
     # a second agent attaching to the same interface replaces the filters
