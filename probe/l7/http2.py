@@ -113,6 +113,8 @@ class Http2Parser(StreamParser):
         super().__init__(config)
         self._policy = HeaderPolicy(self.config)
         self._dirs = {CLIENT: _Dir(True), SERVER: _Dir(False)}
+        # Server bytes are only trusted to start on a frame boundary after an h2c upgrade.
+        self._dirs[SERVER].synced = upgraded is not None
         self._streams: dict[int, _Stream] = {}
         self._max_client_sid = 0
         self._midstream = upgraded is None
@@ -164,18 +166,14 @@ class Http2Parser(StreamParser):
             if n - pos < 9:
                 break
             if not d.synced:
-                p = self._scan(buf, pos, n)
+                p, resume = self._scan(buf, pos, n)
+                self.stats["resync_skipped_bytes"] += resume - pos
+                pos = resume
                 if p < 0:
-                    keep = max(pos, n - _SCAN_LIMIT if n - pos > _SCAN_LIMIT else pos)
-                    self.stats["resync_skipped_bytes"] += keep - pos
-                    pos = keep
-                    if p == -2:
-                        pos = max(pos, n - 8)
                     break
-                self.stats["resync_skipped_bytes"] += p - pos
-                pos = p
                 d.synced = True
-                self.stats["resyncs"] += 1
+                if pos:
+                    self.stats["resyncs"] += 1
             length = plausible_frame(buf, pos, strict=False)
             if length < 0:
                 self.stats["frame_errors"] += 1
@@ -212,23 +210,22 @@ class Http2Parser(StreamParser):
             d.buf = bytearray()
             self._lose_sync(d)
 
-    def _scan(self, buf: bytearray, pos: int, n: int) -> int:
-        """First offset ≥ pos where a plausible frame chain starts; -1 none, -2 need more bytes."""
+    def _scan(self, buf: bytearray, pos: int, n: int) -> tuple[int, int]:
+        """(offset of a plausible frame chain or -1, where to resume)."""
         end = min(n - 9, pos + _SCAN_LIMIT)
         p = pos
         while p <= end:
             length = plausible_frame(buf, p)
             if length >= 0:
                 nxt = p + 9 + length
-                if nxt == n:
-                    return p
-                if nxt + 9 <= n:
-                    if plausible_frame(buf, nxt) >= 0:
-                        return p
-                elif nxt > n:
-                    return p if buf[p + 3] in (HEADERS, SETTINGS) and n - p >= 9 + min(length, 64) else -2
+                if nxt == n or (nxt + 9 <= n and plausible_frame(buf, nxt) >= 0):
+                    return p, p
+                if nxt > n:
+                    if buf[p + 3] in (HEADERS, SETTINGS) and n - p >= 9 + min(length, 64):
+                        return p, p
+                    return -1, p  # might be a frame: wait for more bytes
             p += 1
-        return -1
+        return -1, p
 
     def _frame(self, d: _Dir, ftype: int, flags: int, sid: int, payload: bytes, ts: int, out: list[L7Event]) -> None:
         if d.hblock is not None and ftype != CONTINUATION:
@@ -314,6 +311,7 @@ class Http2Parser(StreamParser):
 
     def _mark_midstream(self, d: _Dir) -> None:
         self.stats["midstream_starts"] += 1
+        d.synced = False  # joined at an unknown offset: find a frame boundary first
 
     def _lose_sync(self, d: _Dir) -> None:
         d.synced = False
