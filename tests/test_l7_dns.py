@@ -89,3 +89,12 @@ def test_dns_over_tcp_length_prefixed_split() -> None:
 def test_udp_non_dns_is_ignored() -> None:
     conv = DnsConversation(("a", 1), ("b", 2))
     assert conv.feed("client", b"\x00" * 40, 0) == [] and conv.stats["not_dns"] == 1
+
+
+def test_dns_over_tcp_through_conversation() -> None:
+    from probe.l7.conversation import Conversation
+
+    conv = Conversation(("10.0.0.5", 40001), ("10.0.0.53", 53))
+    framed = struct.pack(">H", len(QUERY)) + QUERY
+    (ev,) = conv.feed("client", 1, framed, 0x18, 0)
+    assert conv.protocol == "dns" and ev.dns.query == "api.example.org."

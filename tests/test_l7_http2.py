@@ -250,3 +250,19 @@ def test_h2c_upgrade_through_conversation() -> None:
     st = conv.stats
     assert conv.protocol == "http2" and st["h2c_upgrades"] == 1 and st["upgrades"] == 1
     assert st.get("hpack_errors", 0) == 0 and st.get("midstream_starts", 0) == 0
+
+
+def test_push_promise_response_carries_promised_request() -> None:
+    t = Pair()
+    t.c.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":path", "/index.html"),
+                         (":authority", "site")], end_stream=True)
+    t.pump()
+    t.s.push_stream(1, 2, [(":method", "GET"), (":scheme", "https"), (":path", "/style.css"), (":authority", "site")])
+    t.s.send_headers(1, [(":status", "200")], end_stream=True)
+    t.s.send_headers(2, [(":status", "200"), ("content-type", "text/css")], end_stream=True)
+    t.pump()
+    ev = t.take()
+    assert [(e.type, e.stream_id, e.http.url) for e in ev] == [
+        (REQUEST, 1, "https://site/index.html"), (RESPONSE, 1, "https://site/index.html"),
+        (RESPONSE, 2, "https://site/style.css")]
+    assert t.p.stats["push_promises"] == 1
