@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from flowscope import schema
 from flowscope.endpoints import EndpointIndex, EndpointRecord, EndpointStore
@@ -50,6 +50,18 @@ class AgentConfig:
     token: Optional[str] = None
 
 
+class FlowSource(Protocol):
+    """Something besides the tc probe that watches the same interfaces and produces flows
+    (e.g. L7 capture). The agent calls these from its loop; none of them may block."""
+
+    def attach(self, ifindex: int, ifname: str) -> None: ...
+    def detach(self, ifindex: int) -> None: ...
+    def set_index(self, index: EndpointIndex) -> None: ...
+    def poll(self) -> list[schema.Flow]: ...
+    def lost(self) -> dict[str, int]: ...      # new losses since the last call, by LostEvent source
+    def close(self) -> None: ...
+
+
 @dataclass
 class AgentStats:
     events: int = 0
@@ -61,8 +73,10 @@ class AgentStats:
 
 class Agent:
     def __init__(self, cfg: AgentConfig, shipper: Optional[Shipper] = None,
-                 on_flows: Optional[Callable[[list[schema.Flow]], None]] = None):
+                 on_flows: Optional[Callable[[list[schema.Flow]], None]] = None,
+                 sources: Optional[list[FlowSource]] = None):
         self.cfg = cfg
+        self.sources: list[FlowSource] = list(sources or [])
         self.store = EndpointStore(cfg.state_dir)
         self.shipper = shipper if shipper is not None else Shipper(
             cfg.server, cfg.node_name, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
@@ -100,6 +114,7 @@ class Agent:
             while not self.stop_event.is_set():
                 self.dp.poll(self.cfg.drain_ms)
                 self._process_raw()
+                self._poll_sources()
                 now = time.monotonic()
                 if now - last_refresh >= 1.0:
                     last_refresh = now
@@ -119,6 +134,12 @@ class Agent:
         signal.signal(signal.SIGTERM, self.stop)
 
     def close(self) -> None:
+        for src in self.sources:
+            try:
+                self._emit(src.poll())
+                src.close()
+            except Exception as e:  # a source's failure must not leave the probe attached
+                log.warning("closing %s: %s", type(src).__name__, e)
         dp, self.dp = self.dp, None
         if dp is not None:
             try:
@@ -145,6 +166,12 @@ class Agent:
         flows = [build(decode(r)) for r in raw]
         self.stats.events += len(raw)
         self._emit(flows)
+
+    def _poll_sources(self) -> None:
+        for src in self.sources:
+            flows = src.poll()
+            if flows:
+                self._emit(flows)
 
     def _emit(self, flows: list[schema.Flow]) -> None:
         self.stats.flows += len(flows)
@@ -197,6 +224,9 @@ class Agent:
                     else:
                         self.stats.map_insert_failures += after - before
         self._lost_seen = now
+        for src in self.sources:
+            for source, n in src.lost().items():
+                self.shipper.report_lost(source, n)
 
     # ---------------------------------------------------------------- interfaces and endpoints
 
@@ -221,14 +251,25 @@ class Agent:
                     dp.detach(idx)
                 else:
                     dp.attached.pop(idx, None)  # the link is gone, and its qdisc with it
+                for src in self.sources:
+                    src.detach(idx)
         for idx, name in wanted.items():
             if idx not in dp.attached:
                 try:
                     dp.attach(idx, name)
                 except Exception as e:
                     log.warning("cannot attach to %s: %s", name, e)
-        self._builder.index = EndpointIndex(self._endpoints, host_addresses())
+                    continue
+                for src in self.sources:
+                    try:
+                        src.attach(idx, name)
+                    except Exception as e:
+                        log.warning("%s cannot attach to %s: %s", type(src).__name__, name, e)
+        index = EndpointIndex(self._endpoints, host_addresses())
+        self._builder.index = index
         self._builder.ifnames = names
+        for src in self.sources:
+            src.set_index(index)
 
 
 def _version() -> str:

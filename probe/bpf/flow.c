@@ -49,8 +49,9 @@
 #define REPLY_YES 1
 #define REPLY_UNKNOWN 2
 
-// Per-CPU counters (indexes shared with probe/events.py).
-#define STAT_PACKETS 0
+// Per-CPU counters (indexes shared with probe/events.py). Nothing is counted per packet here:
+// the flow entries already count packets, and a per-packet counter would cost a map lookup.
+#define STAT_UNUSED 0
 #define STAT_EVENTS 1
 #define STAT_RINGBUF_FAIL 2
 #define STAT_MAP_FAIL 3
@@ -175,7 +176,6 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
     if ((void *)(eth + 1) > data_end)
         return TC_ACT_OK;
 
-    stat_inc(STAT_PACKETS);
     __u16 proto = eth->h_proto;
     if (proto == bpf_htons(ETH_P_IP)) {
         struct iphdr *ip = (void *)(eth + 1);
