@@ -13,6 +13,7 @@ Topology of one endpoint (Cilium-like, routed, no bridge)::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import secrets
@@ -107,7 +108,7 @@ class Lab:
         host_if = f"{self.prefix}h{n}"
         peer = f"{self.prefix}p{n}"
         ipv4 = f"10.{self.subnet}.{int(self.tag[:2], 16) % 250}.{n + 1}"
-        ipv6 = f"fd00:{self.subnet:x}:{self.tag}::{n + 1:x}" if self.ipv6 else None
+        ipv6 = str(ipaddress.ip_address(f"fd00:{self.subnet:x}:{self.tag}::{n + 1:x}")) if self.ipv6 else None
         run(["ip", "netns", "add", ns])
         ep = LabEndpoint(name, ns, host_if, 0, ipv4, ipv6)
         self.endpoints.append(ep)
