@@ -103,10 +103,15 @@ def _agent_config(server: str, interfaces, no_endpoints, state_dir, node_name, u
 @main.command()
 @server_option
 @_agent_options
+@click.option("--l7/--no-l7", "l7", default=True, show_default=True,
+              help="L7 visibility (HTTP, gRPC, Kafka, DNS) through socket filters on the observed interfaces.")
+@click.option("--l7-ports", default=None, metavar="PORTS",
+              help="Comma list of ports always under L7 visibility (default 53,80,3000,5000,8000,8080,8081,"
+                   "9092,50051); other ports are sniffed for a known protocol.")
 @click.option("--cleanup", is_flag=True, help="Only remove probe filters left by a killed agent, then exit.")
 @click.option("--log-level", default="info", show_default=True)
 def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_interval, batch_size,
-          flush_interval, cleanup: bool, log_level: str) -> None:
+          flush_interval, l7: bool, l7_ports: Optional[str], cleanup: bool, log_level: str) -> None:
     """Run the node agent: attach the tc probe, build flows, ship them to the server."""
     _setup_logging(log_level)
     from probe.datapath import remove_stale_attachments
@@ -121,6 +126,14 @@ def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_in
 
     cfg = _agent_config(server, interfaces, no_endpoints, state_dir, node_name, update_interval,
                         batch_size, flush_interval)
+    cfg.l7 = l7
+    if l7_ports is not None:
+        from probe.l7capture import parse_ports
+
+        try:
+            cfg.l7_ports = list(parse_ports(l7_ports))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--l7-ports") from None
     raise SystemExit(run_agent(cfg))
 
 

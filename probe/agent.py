@@ -48,6 +48,8 @@ class AgentConfig:
     flow_entries: int = 65536
     max_queue: int = 200_000
     token: Optional[str] = None
+    l7: bool = True                                        # L7 capture (probe.l7capture), see run_agent
+    l7_ports: Optional[list[int]] = None                   # None: probe.l7capture.DEFAULT_L7_PORTS
 
 
 class FlowSource(Protocol):
@@ -282,7 +284,9 @@ def _version() -> str:
 
 
 def run_agent(cfg: AgentConfig) -> int:
-    agent = Agent(cfg)
+    from probe.l7capture import build_sources
+
+    agent = Agent(cfg, sources=build_sources(cfg))
     agent.install_signal_handlers()
     agent.start()
     log.info("agent on node %s shipping to %s; attached to %s", cfg.node_name, cfg.server,

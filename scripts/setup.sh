@@ -12,6 +12,7 @@ APT_PACKAGES=(
   python3-venv python3-dev build-essential
   containernetworking-plugins tcpreplay nginx-light
   chromium chromium-driver postgresql
+  wrk bind9-dnsutils
 )
 
 is_root() { [ "$(id -u)" = 0 ]; }

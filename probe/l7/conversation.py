@@ -48,8 +48,12 @@ class Conversation:
             self._start(protocol)
 
     # -- public ---------------------------------------------------------------------------------
-    def feed(self, direction: str, seq: int, payload: bytes, flags: int, ts_ns: int) -> list[L7Event]:
-        """One TCP segment as captured; returns the L7 events it completed."""
+    def feed(self, direction: str, seq: int, payload: bytes, flags: int, ts_ns: int,
+             wire_len: int | None = None) -> list[L7Event]:
+        """One TCP segment as captured; returns the L7 events it completed.
+
+        ``wire_len``: the payload's length on the wire when the capture truncated it (snap length).
+        """
         out: list[L7Event] = []
         if self.closed:
             self._counters["segments_after_close"] += 1
@@ -59,7 +63,7 @@ class Conversation:
                 self._counters["bad_direction"] += 1
                 return out
             self._counters["segments"] += 1
-            for item in self._reasm[direction].feed(seq, payload, flags, ts_ns):
+            for item in self._reasm[direction].feed(seq, payload, flags, ts_ns, wire_len):
                 self._deliver(direction, item, out)
             c, s = self._reasm[CLIENT], self._reasm[SERVER]
             if c.reset or s.reset or (c.closed and s.closed):

@@ -399,9 +399,14 @@ class Http1Parser(StreamParser):
 
     def _gap(self, direction: str, lost: int, ts_ns: int, out: list[L7Event]) -> None:
         d = self._dirs[direction]
-        if d.state in (BODY_LEN, CHUNK_DATA) and not d.buf and lost < d.remaining:
+        if d.state in (BODY_LEN, CHUNK_DATA) and not d.buf and lost <= d.remaining:
             d.remaining -= lost  # the hole fell inside a body we skip anyway
             self.stats["gaps_in_body"] += 1
+            if d.remaining == 0:
+                if d.state == BODY_LEN:
+                    self._message_done(d)
+                else:
+                    d.state = CHUNK_CRLF
             return
         if d.state in (BODY_EOF, OPAQUE):
             return

@@ -68,7 +68,7 @@ class StreamReassembler:
     __slots__ = (
         "_cfg", "_budget", "next_seq", "_pending", "_pending_bytes", "_fin_seq", "closed", "reset",
         "bytes_delivered", "bytes_lost_gaps", "segments_out_of_order", "retransmissions",
-        "overflow_drops", "gaps_skipped", "late_segments",
+        "overflow_drops", "gaps_skipped", "late_segments", "bytes_truncated",
     )
 
     def __init__(self, config: L7Config | None = None, budget: ReassemblyBudget | None = None) -> None:
@@ -88,6 +88,7 @@ class StreamReassembler:
         self.overflow_drops = 0
         self.gaps_skipped = 0
         self.late_segments = 0
+        self.bytes_truncated = 0
 
     @property
     def buffered(self) -> int:
@@ -102,10 +103,16 @@ class StreamReassembler:
             "overflow_drops": self.overflow_drops,
             "gaps_skipped": self.gaps_skipped,
             "late_segments": self.late_segments,
+            "bytes_truncated": self.bytes_truncated,
         }
 
-    def feed(self, seq: int, payload: bytes, flags: int, ts_ns: int) -> list[Delivery]:
-        """Add one segment; return what became deliverable, in order."""
+    def feed(self, seq: int, payload: bytes, flags: int, ts_ns: int, wire_len: int | None = None) -> list[Delivery]:
+        """Add one segment; return what became deliverable, in order.
+
+        ``wire_len`` is the segment's payload length on the wire when the capture kept only the first
+        ``len(payload)`` bytes (snap length): the missing tail is delivered as a :class:`Gap` at once
+        when the segment is in order (an out-of-order truncated segment leaves an ordinary hole).
+        """
         out: list[Delivery] = []
         if self.closed:
             if payload:
@@ -123,8 +130,9 @@ class StreamReassembler:
             self._close()
             return out
         n = len(payload)
+        wire = wire_len if wire_len is not None and wire_len > n else n
         if flags & FIN:
-            self._fin_seq = (seq + n) % _MOD
+            self._fin_seq = (seq + wire) % _MOD
         if n:
             rel = _rel(seq, self.next_seq)
             if rel <= 0:
@@ -135,8 +143,15 @@ class StreamReassembler:
                         self.retransmissions += 1
                         payload = payload[-rel:]
                     self._deliver(payload, ts_ns, out)
-                    if self._pending:
-                        self._drain(out)
+                if wire > n and rel + wire > 0:
+                    # The captured prefix ends before the segment does: skip the tail now.
+                    lost = min(wire - n, rel + wire)
+                    self.bytes_truncated += lost
+                    self.bytes_lost_gaps += lost
+                    out.append(Gap(lost, ts_ns))
+                    self.next_seq = (self.next_seq + lost) % _MOD  # type: ignore[operator]
+                if self._pending:
+                    self._drain(out)
             else:
                 self._hold(seq, payload, ts_ns, out)
         self._check_fin()
