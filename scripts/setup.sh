@@ -13,6 +13,7 @@ APT_PACKAGES=(
   containernetworking-plugins tcpreplay nginx-light
   chromium chromium-driver postgresql
   wrk bind9-dnsutils
+  podman runc busybox-static
 )
 
 is_root() { [ "$(id -u)" = 0 ]; }
