@@ -111,9 +111,11 @@ class L7CaptureConfig:
     snaplen: int = 2048
     detect_packets: int = 16
     conn_map_entries: int = 65536
-    ring_block_kib: int = 256
-    ring_blocks: int = 8
-    ring_timeout_ms: int = 10
+    # The kernel hands a block over when it is full or ring_timeout_ms after its first packet, so with
+    # sparse traffic the ring spans ring_blocks x ring_timeout_ms of time: many small blocks.
+    ring_block_kib: int = 64
+    ring_blocks: int = 32
+    ring_timeout_ms: int = 20
     max_connections: int = 16384
     max_buffered_bytes: int = 64 << 20          # parsers + reassembly, all connections
     reassembly_budget_bytes: int = 16 << 20     # out-of-order bytes, all connections
@@ -182,15 +184,16 @@ def decode_packet(buf, off: int, end: int):
     return None
 
 
-def kernel_conn_key(family: int, a: bytes, pa: int, b: bytes, pb: int) -> bytes:
-    """The filter's ``struct conn_key`` for a connection (both ends ordered as the C code orders them)."""
+def kernel_conn_key(ifindex: int, family: int, a: bytes, pa: int, b: bytes, pb: int) -> bytes:
+    """The filter's ``struct conn_key`` for a connection seen on ``ifindex`` (both ends ordered as the
+    C code orders them)."""
     a16, b16 = a.ljust(16, b"\0"), b.ljust(16, b"\0")
     ra, rb = pa.to_bytes(2, "big"), pb.to_bytes(2, "big")
     wa, wb = struct.unpack("<4I", a16), struct.unpack("<4I", b16)
     swap = wa > wb if wa != wb else int.from_bytes(ra, "little") > int.from_bytes(rb, "little")
     if swap:
         a16, b16, ra, rb = b16, a16, rb, ra
-    return a16 + b16 + ra + rb + struct.pack("<I", family)
+    return a16 + b16 + ra + rb + struct.pack("<II", family, ifindex)
 
 
 def _ntop(family: int, raw: bytes) -> str:
@@ -199,7 +202,7 @@ def _ntop(family: int, raw: bytes) -> str:
 
 class _Conn:
     __slots__ = ("conv", "ctx", "last_ns", "fixed_port", "kernel_state", "family", "client", "server",
-                 "last_seg", "proto")
+                 "last_seg", "proto", "undecided")
 
     def __init__(self, conv, ctx: ConnContext, ts: int, fixed_port: bool, family: int, proto: int,
                  client: tuple[bytes, int], server: tuple[bytes, int]):
@@ -213,6 +216,7 @@ class _Conn:
         self.client = client
         self.server = server
         self.last_seg = {"client": None, "server": None}
+        self.undecided = 0        # payload packets seen while the protocol is unknown
 
 
 class ConnTracker:
@@ -273,14 +277,21 @@ class ConnTracker:
         if proto == IPPROTO_TCP:
             if conv.closed:
                 self._remove(conn, forget_kernel=not conn.fixed_port)
-            elif conn.kernel_state == STATE_UNDECIDED and conv.protocol is not None and not conn.fixed_port:
+            elif conn.kernel_state == STATE_UNDECIDED and not conn.fixed_port:
+                if conv.protocol is None:
+                    if payload:
+                        conn.undecided += 1
+                    if conn.undecided < max(2, self.cfg.detect_packets // 2):
+                        return
+                    # As many packets as the kernel passes for detection, and still nothing known.
+                    c["undetected"] += 1
                 if conv.protocol in L7_PROTOCOLS:
                     self._mark(conn, STATE_L7)
                     c["connections_l7"] += 1
                 else:
                     self._mark(conn, STATE_SKIP)
                     c["connections_skipped"] += 1
-                    c[f"skipped_{conv.protocol}"] += 1
+                    c[f"skipped_{conv.protocol or 'undetected'}"] += 1
                     self._retire(conn)
                     conn.conv = None
 
@@ -348,7 +359,7 @@ class ConnTracker:
     def _mark(self, conn: _Conn, state: Optional[int]) -> None:
         conn.kernel_state = state if state is not None else STATE_UNDECIDED
         if self.decide is not None and conn.proto == IPPROTO_TCP:
-            self.decide(kernel_conn_key(conn.family, conn.client[0], conn.client[1], conn.server[0], conn.server[1]),
+            self.decide(kernel_conn_key(conn.ctx.ifindex, conn.family, conn.client[0], conn.client[1], conn.server[0], conn.server[1]),
                         state)
 
     def _retire(self, conn: _Conn) -> None:
@@ -497,8 +508,8 @@ class L7Filter:
 class PacketRing:
     """A packet socket bound to one interface with the filter attached and a TPACKET_V3 ring mapped."""
 
-    def __init__(self, ifindex: int, ifname: str, prog_fd: int, block_kib: int = 256, blocks: int = 8,
-                 timeout_ms: int = 10):
+    def __init__(self, ifindex: int, ifname: str, prog_fd: int, block_kib: int = 64, blocks: int = 32,
+                 timeout_ms: int = 20):
         self.ifindex, self.ifname = ifindex, ifname
         self.block_size = block_kib * 1024
         self.blocks = blocks

@@ -54,12 +54,15 @@
 #define STAT_MAP_FULL 9          // conns insert failures
 #define STAT_MAX 10
 
+// One entry per connection *and* observation point: each interface's socket decides on its own (a
+// connection between two observed endpoints passes through two host-side interfaces).
 struct conn_key {
     __u32 addr_a[4];     // the lower (address, port) end, in network byte order
     __u32 addr_b[4];
     __u16 port_a;        // network byte order
     __u16 port_b;
     __u32 family;        // 4 or 6
+    __u32 ifindex;
 };
 
 struct conn_state {
@@ -124,6 +127,7 @@ int l7_filter(struct __sk_buff *skb)
 {
     struct conn_key key = {};
     __u32 nh = 0;
+    key.ifindex = skb->ifindex;
     __u8 proto;
     __u32 l4;
     __s32 l4len;
