@@ -259,7 +259,10 @@ class L7FlowFactory:
         direction, client_is_endpoint, c_ep, s_ep, l4_req, l4_resp, ip_req, ip_resp, iface = self._static_parts(ctx)
         is_reply = ev.type != REQUEST
         ts = ev.timestamp_ns
-        l7 = schema.Layer7(type=_RESP if is_reply else _REQ, latency_ns=str(ev.latency_ns if is_reply else 0))
+        if is_reply and ev.latency_ns > 0:
+            l7 = schema.Layer7(type=_RESP, latency_ns=str(ev.latency_ns))
+        else:
+            l7 = schema.Layer7(type=_RESP if is_reply else _REQ)
         summary = ""
         verdict = _FORWARDED
         policy_fields: dict = {}
