@@ -210,8 +210,8 @@ def test_limits_count_lost_events_and_idle_expiry():
     # idle expiry flushes what the connection holds (a request without its response)
     h = Harness(tcp_idle_timeout_s=10)
     h.tcp(True, 1, SYN)
-    h.tcp(True, 2, PSH | ACK, b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
-    assert [f.Summary for f in h.t.take()] == ["HTTP/1.1 GET http://h/slow"]
+    got = h.tcp(True, 2, PSH | ACK, b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert [f.Summary for f in got] == ["HTTP/1.1 GET http://h/slow"]
     h.t.sweep(h.ts + 5 * S)
     assert len(h.t.conns) == 1
     h.t.sweep(h.ts + 11 * S)
