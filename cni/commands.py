@@ -276,7 +276,9 @@ def cmd_check(ctx: Context) -> None:
         if want.get("sandbox") != req.netns:
             raise _mismatch(f"prevResult puts {req.ifname} in {want.get('sandbox')}, CNI_NETNS is {req.netns}")
         ips = [ip for ip in prev.get("ips") or [] if ip.get("interface", idx) == idx]
-        hname = host_ifname(conf.host_if_prefix, req.container_id, req.ifname)
+        att = AttachmentStore(ctx.state_dir).get(conf.name, req.container_id, req.ifname)
+        hname = att.host_ifname if att and att.host_ifname else host_ifname(conf.host_if_prefix, req.container_id,
+                                                                             req.ifname)
         with netlink_in(ns_fd) as ns, netlink_in() as host:
             cont = link.read_link(ns, req.ifname)
             hst = link.read_link(host, hname)

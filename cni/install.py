@@ -114,7 +114,8 @@ def cni_group() -> None:
 @click.option("--chain", multiple=True, help="Plugins to chain after flowscope-cni, e.g. portmap, tuning, bandwidth.")
 @click.option("--cni-version", default="auto", show_default=True,
               type=click.Choice(("auto",) + SUPPORTED_VERSIONS),
-              help="cniVersion of the conflist; auto = highest every plugin in the list speaks.")
+              help="cniVersion of the conflist; auto = highest every plugin in the list speaks. Use 1.0.0 for "
+                   "runtimes built on libcni < 1.2 (Podman 4, containerd 1.6/1.7): they cannot read 1.1.0 results.")
 @click.option("--plugin-dir", "plugin_dirs", multiple=True,
               help="Where to find chained plugins when negotiating the version (default: bin-dir, /usr/lib/cni, ...).")
 @click.option("--priority", default=10, show_default=True, type=click.IntRange(0, 99),

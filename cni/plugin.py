@@ -1,6 +1,7 @@
 """``flowscope-cni``: the executable runtimes run. A thin client that starts fast.
 
-It imports only os/socket/sys (not even json: its import costs more than the rest of the client).
+It imports only os, sys and the C module ``_socket`` (not ``socket``, whose enum/selectors imports
+cost ~4 ms, nor json): interpreter start-up is most of what the fast path costs.
 When the node agent's CNI service answers on ``<state dir>/cni.sock`` it forwards the request
 (environment + stdin) and relays the answer (stdout, stderr, exit status) — no netlink library to
 load, the agent already has it. When nothing answers it runs the request itself (the standalone path,
@@ -18,8 +19,9 @@ Wire format, one request per connection (the client shuts its write side after s
 from __future__ import annotations
 
 import os
-import socket
 import sys
+
+import _socket
 
 SOCKET_NAME = "cni.sock"
 DEFAULT_STATE_DIR = "/var/run/flowscope"
@@ -82,7 +84,7 @@ def decode_response(data: bytes):
 def forward(path: str, environb, stdin: bytes):
     """(status, stdout, stderr) from the service; None if no service listens; LOST if it accepted the
     request but did not answer."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.settimeout(CONNECT_TIMEOUT)
         try:
@@ -92,7 +94,7 @@ def forward(path: str, environb, stdin: bytes):
         s.settimeout(REPLY_TIMEOUT)
         try:
             s.sendall(encode_request(encode_env(environb), stdin))
-            s.shutdown(socket.SHUT_WR)
+            s.shutdown(_socket.SHUT_WR)
             chunks = []
             while True:
                 b = s.recv(65536)

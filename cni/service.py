@@ -84,6 +84,9 @@ class _Handler(socketserver.BaseRequestHandler):
             env, stdin = parsed
             env["FLOWSCOPE_STATE_DIR"] = str(self.server.state_dir)
             resp = execute(env, stdin, agent=True)
+            if resp.status != 0:
+                log.info("CNI %s %s/%s failed: %s", env.get("CNI_COMMAND", "?"), env.get("CNI_CONTAINERID", "-"),
+                         env.get("CNI_IFNAME", "-"), resp.stdout.decode(errors="replace").strip())
             sock.sendall(encode_response(resp.status, resp.stdout, resp.stderr))
         except OSError as e:  # the client went away
             log.warning("CNI request failed: %s", e)

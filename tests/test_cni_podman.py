@@ -17,6 +17,7 @@ import os
 import resource
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
@@ -154,3 +155,77 @@ def test_podman_containers_on_a_flowscope_network(podman, with_agent):
     finally:
         if svc is not None:
             svc.stop()
+
+
+class _Sink:
+    """Stands where the agent's shipper stands and keeps the flows."""
+
+    def __init__(self):
+        self.flows: list = []
+        self.lock = threading.Lock()
+        self.stats = None
+
+    def start(self):
+        pass
+
+    def put(self, flows):
+        with self.lock:
+            self.flows.extend(flows)
+
+    def report_lost(self, source, n, cpu=None):
+        pass
+
+    def close(self, deadline_s: float = 0):
+        pass
+
+
+def _probe_attached(ifname: str) -> bool:
+    out = subprocess.run(["tc", "filter", "show", "dev", ifname, "ingress"], capture_output=True, text=True).stdout
+    return "bpf" in out
+
+
+def test_podman_traffic_observed_with_pod_names_and_labels(podman):
+    """The issue's end-to-end path: Podman -> flowscope-cni -> endpoint record -> the node agent attaches
+    the probe to the host veth -> the container's flows carry its pod name, namespace and labels."""
+    from probe.agent import Agent, AgentConfig
+
+    sb = podman.sb
+    sink = _Sink()
+    agent = Agent(AgentConfig(state_dir=str(sb.state_dir), node_name="node-cni", update_interval=1.0,
+                              drain_ms=20, l7=False), shipper=sink)
+    runner = threading.Thread(target=agent.run, name="agent", daemon=True)
+    agent.start()
+    runner.start()
+    try:
+        api_id = podman.run("api", {"app": "api"}, "shop", "httpd", "-f", "-p", "8080", "-h", "/www")
+        web_id = podman.run("web", {"app": "frontend"}, "shop", "sleep", "300")
+        store = EndpointStore(sb.state_dir)
+        api, web = store.get(api_id, "eth0"), store.get(web_id, "eth0")
+        deadline = time.monotonic() + 15  # the agent looks for new endpoints every second
+        while not (_probe_attached(api.host_ifname) and _probe_attached(web.host_ifname)):
+            assert time.monotonic() < deadline, "the agent did not attach to the containers' host veths"
+            time.sleep(0.2)
+        got = podman("exec", "web", "wget", "-qO-", f"http://{api.ips[0]}:8080/", check=False, timeout=30)
+        assert got.stdout == "hello from the api pod\n", (got.returncode, got.stderr)
+
+        def conn_flows():
+            with sink.lock:
+                return [f for f in sink.flows if f.l4 and f.l4.TCP and 8080 in (f.l4.TCP.source_port,
+                                                                                f.l4.TCP.destination_port)]
+
+        deadline = time.monotonic() + 10
+        while not any(f.source.pod_name == "web" for f in conn_flows()):
+            assert time.monotonic() < deadline, f"no flow from the web container: {len(sink.flows)} flows"
+            time.sleep(0.1)
+        out = next(f for f in conn_flows() if f.source.pod_name == "web")
+        assert out.IP.source == web.ips[0] and out.IP.destination == api.ips[0]
+        assert out.source.namespace == "shop" and "k8s:app=frontend" in out.source.labels
+        assert "k8s:io.kubernetes.pod.namespace=shop" in out.source.labels
+        assert out.destination.pod_name == "api" and "k8s:app=api" in out.destination.labels
+        assert out.source.ID == web.endpoint_id
+    finally:
+        agent.stop()
+        runner.join(timeout=20)
+        podman("rm", "-f", "-t", "0", "--all", check=False)
+    assert not runner.is_alive()
+    assert sb.leaks() == {}

@@ -166,6 +166,20 @@ def test_pod_identity_mac_ips_and_host_ifname():
     assert host_ifname("fsc", "c1", "eth0") == host_ifname("fsc", "c1", "eth0") != host_ifname("fsc", "c1", "eth1")
 
 
+def test_result_merged_behind_a_previous_plugin():
+    from cni.commands import _merge_prev
+
+    prev = {"interfaces": [{"name": "bond0"}], "ips": [{"address": "192.168.9.9/24", "interface": 0}],
+            "routes": [{"dst": "192.168.0.0/16"}], "dns": {"domain": "a"}}
+    ours = {"interfaces": RESULT["interfaces"], "ips": RESULT["ips"], "routes": RESULT["routes"],
+            "dns": {"nameservers": ["x"]}}
+    merged = _merge_prev(prev, ours)
+    assert [i["name"] for i in merged["interfaces"]] == ["bond0", "fsc1", "eth0"]
+    assert [ip["interface"] for ip in merged["ips"]] == [0, 2, 2]
+    assert len(merged["routes"]) == 2 and merged["dns"] == {"domain": "a", "nameservers": ["x"]}
+    assert _merge_prev(None, ours) is ours
+
+
 # ---- built-in IPAM: config and order --------------------------------------------------------------
 
 
