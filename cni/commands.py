@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -327,6 +328,14 @@ def cmd_status(ctx: Context) -> None:
         sock = ctx.state_dir / SOCKET_NAME
         raise CNIError(E.NOT_AVAILABLE, "flowscope node agent is not reachable",
                        f"no CNI service answers at {sock}; start the agent (ADD still works standalone)")
+    try:
+        ctx.state_dir.mkdir(parents=True, exist_ok=True)
+        probe = ctx.state_dir / f".status-{os.getpid()}-{threading.get_ident()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CNIError(E.NOT_AVAILABLE_IMPACT, "state directory is not writable",
+                       f"{ctx.state_dir}: {e.strerror or e}; ADD and DEL cannot record attachments") from None
     ipam_for(ctx.conf, ctx.state_dir, ctx.req.path).ready(ctx.req.env)
     return None
 

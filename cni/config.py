@@ -176,6 +176,10 @@ def parse_netconf(obj: dict, command: str) -> NetConf:
         raise _bad('"name" (the network name) is required')
     if isinstance(name, str) and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name):
         raise _bad(f'"name" {name!r} may only hold letters, digits, "_", "." and "-"')
+    if obj.get("ipMasq") is True:
+        raise CNIError(E.UNSUPPORTED_FIELD, "unsupported field in network configuration",
+                       "ipMasq=true: flowscope-cni routes pod addresses without NAT; masquerade on the node "
+                       "or chain a plugin that does")
     conf = NetConf(cni_version=version, name=name or "", type=str(obj.get("type") or ""), raw=obj)
     conf.mtu = _opt(obj, "mtu", int, DEFAULT_MTU)
     if not 68 <= conf.mtu <= 65535:

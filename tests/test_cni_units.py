@@ -135,6 +135,13 @@ def test_invalid_config_is_code_7(bad):
     assert code_of(parse_netconf, conf, "ADD") == E.INVALID_CONFIG
 
 
+def test_unsupported_field_is_code_2():
+    with pytest.raises(CNIError) as ei:
+        parse_netconf({"cniVersion": "1.0.0", "name": "net", "ipMasq": True}, "ADD")
+    assert ei.value.code == E.UNSUPPORTED_FIELD and "ipMasq=true" in ei.value.details
+    assert parse_netconf({"cniVersion": "1.0.0", "name": "net", "ipMasq": False}, "ADD").name == "net"
+
+
 def test_prev_result_undecodable_is_code_6():
     conf = {"cniVersion": "1.0.0", "name": "net", "prevResult": {"ips": [{"gateway": "1.2.3.4"}]}}
     assert code_of(parse_netconf, conf, "CHECK") == E.DECODE_FAILURE
@@ -322,6 +329,11 @@ def test_status_without_agent_is_50(tmp_path):
     r = execute({"CNI_COMMAND": "STATUS", "CNI_PATH": "/usr/lib/cni", "FLOWSCOPE_STATE_DIR": str(tmp_path)}, conf,
                 agent=True)
     assert r.status == 0 and r.stdout == b""
+    # the agent is up but cannot record attachments: 51 (existing containers are affected too)
+    bad = json.dumps({"cniVersion": "1.1.0", "name": "n", "stateDir": "/proc/flowscope-nope",
+                      "ipam": {"subnet": "10.12.0.0/24"}}).encode()
+    r = execute({"CNI_COMMAND": "STATUS", "CNI_PATH": "/usr/lib/cni"}, bad, agent=True)
+    assert json.loads(r.stdout)["code"] == 51
 
 
 def test_log_levels_and_file(tmp_path):
