@@ -37,7 +37,7 @@ from typing import Iterable, Optional, Sequence
 from flowscope import schema
 
 from .compiler import MatchType, PolicyRef, spec_subjects
-from .identity import IDENTITY_HOST, IDENTITY_WORLD, LOCAL_IDENTITY_FLAG
+from .identity import IDENTITY_WORLD, LOCAL_IDENTITY_FLAG
 from .policy import KAFKA_API_KEYS, HTTPRule, KafkaRule, Policy, PortRule, _PeerRule
 from .selector import Labels, namespaced_peer
 
