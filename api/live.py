@@ -111,7 +111,7 @@ class LiveHub:
                 self._subs.remove(sub)
 
     def _count_drop(self, n: int) -> None:
-        self._drops += n  # approximate under contention is fine for a counter read by /status
+        self._drops += n  # only called from publish(), which holds the hub lock
 
     @property
     def subscribers(self) -> int:

@@ -9,6 +9,7 @@ alone decides and the store skips decoding each row for ``match``.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from sqlalchemy import and_, func, or_
@@ -82,29 +83,66 @@ def _term(key: str, values: list[Any]) -> Optional[ColumnElement[bool]]:
     return None
 
 
-def narrowing_exact(filterset: FilterSet) -> tuple[Optional[ColumnElement[bool]], bool]:
-    """``(condition or None, exact)``: ``exact`` means the condition alone decides ``filterset.match``."""
+def _indexed(key: str, values: list[Any]) -> bool:
+    """Whether a hint key restricts a column that leads one of the (column, time_ns) indexes."""
+    if key in ("verdict", "drop_reason_desc"):
+        return True
+    if key in ("source_pod", "destination_pod"):
+        return all(ns for ns, _ in values)
+    return False
+
+
+@dataclass(frozen=True)
+class Narrowing:
+    """SQL narrowing for a FilterSet.
+
+    * ``alternatives``: one condition per allowlist filter (a row passes if it meets any), or None when
+      SQL cannot narrow;
+    * ``exact``: the alternatives alone decide ``FilterSet.match`` (no Python check needed);
+    * ``indexed``: every alternative restricts an indexed column, so scanning each alternative on its own
+      index and merging the streams by time beats one scan (which SQLite would answer with a union of
+      the indexes plus a sort of every match).
+    """
+
+    alternatives: Optional[list[ColumnElement[bool]]]
+    exact: bool
+    indexed: bool = False
+
+    @property
+    def condition(self) -> Optional[ColumnElement[bool]]:
+        if not self.alternatives:
+            return None
+        return self.alternatives[0] if len(self.alternatives) == 1 else or_(*self.alternatives)
+
+
+def narrow(filterset: FilterSet) -> Narrowing:
     if filterset.matches_all:
-        return None, True
+        return Narrowing(None, True)
     hints = sql_pushdown(filterset)["allowlist"]
     if not hints:
-        return None, False
+        return Narrowing(None, False)
     alts = []
     exact = not filterset.blacklist
+    indexed = True
     for entry in hints:
         terms = []
+        entry_indexed = False
         for key, values in entry["conditions"].items():
             term = _term(key, values)
             if term is None:
                 exact = False
             else:
                 terms.append(term)
+                entry_indexed = entry_indexed or _indexed(key, values)
         if not terms:
-            return None, False
+            return Narrowing(None, False)
         exact = exact and bool(entry["exact"])
+        indexed = indexed and entry_indexed
         alts.append(and_(*terms))
-    return or_(*alts), exact
+    return Narrowing(alts, exact, indexed)
 
 
-def narrowing(filterset: FilterSet) -> Optional[ColumnElement[bool]]:
-    return narrowing_exact(filterset)[0]
+def narrowing_exact(filterset: FilterSet) -> tuple[Optional[ColumnElement[bool]], bool]:
+    """``(condition or None, exact)``: ``exact`` means the condition alone decides ``filterset.match``."""
+    n = narrow(filterset)
+    return n.condition, n.exact

@@ -81,6 +81,8 @@ def sample_flow(rng: random.Random, time_ns: int, node_name: str | None = None) 
         drop = schema.DropReason.POLICY_DENIED
         event = schema.CiliumEventType(type=schema.EVENT_DROP, sub_type=133)
         ftype = schema.FlowType.L3_L4
+        if l7 is not None:
+            summary = "TCP" if l4.TCP is not None else "UDP"
         l7 = None
     direction = rng.choice((schema.TrafficDirection.EGRESS, schema.TrafficDirection.INGRESS))
     return schema.Flow(

@@ -14,11 +14,12 @@ stream.
 from __future__ import annotations
 
 import calendar
+import heapq
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import msgspec
 from sqlalchemy import Engine, and_, bindparam, case, func, or_, select
@@ -27,7 +28,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from flowscope import schema
 
 from .db import flows_table, lost_events_table, nodes_table, sqlite_path
-from .pushdown import canonical_ip, narrowing_exact
+from .pushdown import canonical_ip, narrow
 
 _encoder = msgspec.json.Encoder()
 _flow_decoder = msgspec.json.Decoder(schema.Flow)
@@ -239,6 +240,18 @@ class StoredFlow(msgspec.Struct, array_like=True, gc=False):
     body: bytes
 
 
+def _order_key(r: StoredFlow) -> tuple[int, int]:
+    return (r.time_ns, r.id)
+
+
+def _dedupe(rows: Iterator[StoredFlow]) -> Iterator[StoredFlow]:
+    last = None
+    for r in rows:
+        if r.id != last:
+            last = r.id
+            yield r
+
+
 _MIN_CHUNK = 256
 _MAX_CHUNK = 16384
 
@@ -411,20 +424,34 @@ class FlowStore:
     def _matching(self, rq: ResolvedQueryLike, *, descending: bool, max_id: Optional[int],
                   limit: Optional[int]) -> Iterator[StoredFlow]:
         fs = rq.filters
-        condition, exact = narrowing_exact(fs)
-        match = None if exact else fs.match
+        nar = narrow(fs)
+        match = None if nar.exact else fs.match
         decode = _flow_decoder.decode
+        # When SQL decides alone, the first chunk is exactly what was asked for ("last 20": 20 rows).
+        first_chunk = max(1, min(limit, _MIN_CHUNK)) if (nar.exact and limit) else _MIN_CHUNK
+        if nar.alternatives and len(nar.alternatives) > 1 and nar.indexed:
+            # One index-ordered scan per allowlist filter, merged by (time, id); a row matching several
+            # filters comes out of several scans next to itself.
+            scans = [self._rows(rq.since_ns, rq.until_ns, alt, descending, max_id, first_chunk)
+                     for alt in nar.alternatives]
+            rows: Iterator[StoredFlow] = _dedupe(heapq.merge(*scans, key=_order_key, reverse=descending))
+        else:
+            rows = self._rows(rq.since_ns, rq.until_ns, nar.condition, descending, max_id, first_chunk)
         found = 0
-        for chunk in self._scan(rq.since_ns, rq.until_ns, condition, descending, max_id):
-            for r in chunk:
-                if match is None or match(decode(r.body)):
-                    yield r
-                    found += 1
-                    if limit is not None and found >= limit:
-                        return
+        for r in rows:
+            if match is None or match(decode(r.body)):
+                yield r
+                found += 1
+                if limit is not None and found >= limit:
+                    return
+
+    def _rows(self, since_ns: Optional[int], until_ns: Optional[int], extra: Optional[ColumnElement[bool]],
+              descending: bool, max_id: Optional[int], first_chunk: int = _MIN_CHUNK) -> Iterator[StoredFlow]:
+        for chunk in self._scan(since_ns, until_ns, extra, descending, max_id, first_chunk):
+            yield from chunk
 
     def _scan(self, since_ns: Optional[int], until_ns: Optional[int], extra: Optional[ColumnElement[bool]],
-              descending: bool, max_id: Optional[int]) -> Iterator[list[StoredFlow]]:
+              descending: bool, max_id: Optional[int], first_chunk: int = _MIN_CHUNK) -> Iterator[list[StoredFlow]]:
         """Chunks of candidate rows in (time_ns, id) order, by keyset pagination; each chunk is read on
         its own short connection, so an abandoned stream holds nothing."""
         t = flows_table.c
@@ -439,7 +466,7 @@ class FlowStore:
             base.append(extra)
         order = (t.time_ns.desc(), t.id.desc()) if descending else (t.time_ns.asc(), t.id.asc())
         cols = (t.id, t.time_ns, t.node_name, t.body)
-        chunk = _MIN_CHUNK
+        chunk = first_chunk
         cursor: Optional[tuple[int, int]] = None
         while True:
             conds = list(base)
@@ -460,7 +487,7 @@ class FlowStore:
             if len(rows) < chunk:
                 return
             cursor = (rows[-1].time_ns, rows[-1].id)
-            chunk = min(chunk * 4, _MAX_CHUNK)
+            chunk = min(max(chunk, _MIN_CHUNK // 4) * 4, _MAX_CHUNK)
 
     def nodes(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

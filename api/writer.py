@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import queue
+import select
 import signal
 import struct
 import subprocess
@@ -130,10 +131,13 @@ class WriterProcess:
         self._proc = proc
         try:
             assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], self.start_timeout)
+            if not ready:
+                raise OSError(f"no answer within {self.start_timeout:.0f}s")
             hello = _dec.decode(_recv(proc.stdout))
         except (EOFError, OSError, msgspec.DecodeError) as e:
             self.stop()
-            raise WriterError(f"the writer process failed to start (exit code {proc.poll()})") from e
+            raise WriterError(f"the writer process failed to start (exit code {proc.poll()}): {e}") from e
         if not (isinstance(hello, list) and hello and hello[0] == "ready"):
             self.stop()
             raise WriterError(f"the writer process said {hello!r} instead of ready")

@@ -88,6 +88,16 @@ def test_body_limit_413(client):
     assert client.get("/api/v1/status").json()["num_flows"] == 0
 
 
+def test_large_bodies_are_decoded_in_a_thread(tmp_path):
+    app = build_app(f"sqlite:///{tmp_path}/flows.db", writer_process=False, inline_decode_bytes=0)
+    flows = sample_flows(50, seed=9, start_ns=T0)
+    with TestClient(app) as c:
+        assert post(c, {"flows": flows}).json() == {"accepted": 50}
+        r = post(c, b'{"flows": [{"verdict": 7.5}]}')
+        assert r.status_code == 422 and "$.flows[0].verdict" in r.json()["detail"]
+        assert ndjson(c, "?last=100") == [schema.flow_envelope_json(f) for f in flows]
+
+
 def test_node_name_and_time_filled_from_the_batch(client):
     r = post(client, {"node_name": "node-z", "agent_version": "9.9",
                       "flows": [{"verdict": "FORWARDED"}, {"verdict": "DROPPED", "node_name": "own"}]})

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from api import db, migrate
-from api.pushdown import narrowing_exact
+from api.pushdown import narrow, narrowing_exact
 from api.samples import sample_flows
 from api.store import FlowStore, format_time, prepare_batch, time_ns_of
 from flowscope import schema
@@ -161,6 +161,19 @@ def test_sql_narrowing_agrees_with_filterset(filled, flows, flt):
         assert got == want, (flt, wl, bl, len(got), len(want))
         if wl == [ff] and not bl:
             assert 0 < len(want) < len(flows), f"filter {flt} selects all or nothing: the test would prove little"
+
+
+def test_or_of_indexed_filters_is_merged_from_per_index_scans(filled, flows):
+    wl = [FlowFilter(source_pod=["payments/"]), FlowFilter(destination_pod=["payments/"]),
+          FlowFilter(verdict=["DROPPED"])]
+    nar = narrow(FilterSet(wl))
+    assert nar.indexed and nar.exact and len(nar.alternatives) == 3
+    assert not narrow(FilterSet([FlowFilter(source_pod=["/api"]), FlowFilter(verdict=["DROPPED"])])).indexed
+    fs = FilterSet(wl)
+    want = [schema.flow_to_json(f) for f in flows if fs.match(f)]
+    assert bodies(filled, whitelist=wl, number=10_000) == want  # each row once, in time order
+    assert bodies(filled, whitelist=wl, number=7) == want[-7:]
+    assert bodies(filled, whitelist=wl, number=7, first=True) == want[:7]
 
 
 def test_exact_pushdown_skips_python(filled):
