@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -16,6 +17,7 @@ import migrations
 from .db import make_engine
 
 MIGRATIONS_DIR = os.path.dirname(os.path.abspath(migrations.__file__))
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one INFO line per plugin otherwise
 
 
 def alembic_config() -> Config:

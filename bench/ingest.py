@@ -11,7 +11,8 @@
   table and its indexes.
 
 Repetitions alternate API and raw so machine drift hits both; medians are printed with the ratio.
-Goals: API >= 50,000 flows/s sustained, API/raw >= 0.4.
+Goals: API >= 50,000 flows/s sustained, API/raw >= 0.4. The API uses both cores (server, writer process,
+client), raw uses one: on a shared machine, check the CPU pressure the script prints.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from api import migrate
 from api.db import SQLITE_PRAGMAS
 from api.samples import sample_flows
 from api.store import FLOW_COLUMNS, prepare_batch
-from bench.common import interleave, machine_facts, print_table, summary, write_json
+from bench.common import cpu_pressure, interleave, machine_facts, print_table, summary, write_json
 from flowscope import schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             for srv in servers.values():
                 srv.stop()
             raw.conn.close()
+    pressure = cpu_pressure()
+    if pressure > 10:
+        print(f"\nWARNING: CPU pressure avg10={pressure:.0f}%: other processes competed for the 2 cores; the API "
+              f"(server + writer process + client) suffers more than the single-threaded raw baseline.")
     api_s, raw_s = summary(results["api"]), summary(results["raw"])
     rows = [("raw sqlite3.executemany", raw_s, "flows/s"),
             (f"HTTP API ({args.concurrency} conns)", api_s, "flows/s")]
