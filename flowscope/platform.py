@@ -25,7 +25,7 @@ class PlatformError(RuntimeError):
 
 class Platform:
     def __init__(self, db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080,
-                 log_level: str = "info", startup_timeout: float = 30.0):
+                 log_level: str = "info", startup_timeout: float = 90.0):
         self.db_url = db_url
         self.host = host
         self.port = port
@@ -68,9 +68,9 @@ class Platform:
 
     def run_agent(self, cfg) -> None:
         """Run the agent in this process until SIGINT/SIGTERM (or agent.stop())."""
-        from probe.agent import Agent
+        from probe.agent import build_agent
 
-        self.agent = Agent(cfg)
+        self.agent = build_agent(cfg)
         self.agent.install_signal_handlers()
         self.agent.start()
         self.agent.run()

@@ -50,6 +50,9 @@ class AgentConfig:
     token: Optional[str] = None
     l7: bool = True                                        # L7 capture (probe.l7capture), see run_agent
     l7_ports: Optional[list[int]] = None                   # None: probe.l7capture.DEFAULT_L7_PORTS
+    policy: bool = True                                    # network policy enforcement (enforcer.sync)
+    policy_audit_mode: bool = False                        # global audit: report would-be drops, drop nothing
+    cni_service: bool = True                               # serve the CNI plugin's fast path (cni.sock)
 
 
 class FlowSource(Protocol):
@@ -62,6 +65,9 @@ class FlowSource(Protocol):
     def poll(self) -> list[schema.Flow]: ...
     def lost(self) -> dict[str, int]: ...      # new losses since the last call, by LostEvent source
     def close(self) -> None: ...
+    # Optional: ``bind(agent)`` is called once in start(), after the datapath is loaded and before the
+    # first endpoint refresh, for sources that need the loaded BPF object (``agent.dp``), the flow
+    # builder (``agent.builder``) or the other sources (``agent.sources``), e.g. enforcer.sync.
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Agent:
                  sources: Optional[list[FlowSource]] = None):
         self.cfg = cfg
         self.sources: list[FlowSource] = list(sources or [])
+        self.services: list = []  # things with start()/stop() that live as long as the agent
         self.store = EndpointStore(cfg.state_dir)
         self.shipper = shipper if shipper is not None else Shipper(
             cfg.server, cfg.node_name, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
@@ -93,6 +100,7 @@ class Agent:
         self._ifnames: dict[int, str] = {}
         self._lost_seen: list[list[int]] = []
         self._builder: Optional[ev.FlowBuilder] = None
+        self._closed = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -104,8 +112,14 @@ class Agent:
         self._builder = ev.FlowBuilder(cfg.node_name, EndpointIndex(), {},
                                        time.time_ns() - time.monotonic_ns(),
                                        emitter_version=_version())
+        for src in self.sources:
+            bind = getattr(src, "bind", None)
+            if bind is not None:
+                bind(self)
         self._refresh(force=True)
         self.shipper.start()
+        for svc in self.services:
+            svc.start()
 
     def run(self) -> None:
         """Run until stop() or a signal; always cleans up."""
@@ -136,6 +150,14 @@ class Agent:
         signal.signal(signal.SIGTERM, self.stop)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for svc in self.services:
+            try:
+                svc.stop()
+            except Exception as e:
+                log.warning("stopping %s: %s", type(svc).__name__, e)
         for src in self.sources:
             try:
                 self._emit(src.poll())
@@ -153,6 +175,10 @@ class Agent:
         self.shipper.close()
         log.info("agent stopped: %s; shipper: %s", self.stats, self.shipper.stats)
 
+    @property
+    def builder(self) -> Optional[ev.FlowBuilder]:
+        return self._builder
+
     # ---------------------------------------------------------------- events -> flows
 
     def _on_raw(self, raw: bytes) -> None:
@@ -163,9 +189,7 @@ class Agent:
         raw, self._raw = self._raw, []
         if not raw:
             return
-        build = self._builder.build
-        decode = ev.decode_event
-        flows = [build(decode(r)) for r in raw]
+        flows = self._builder.build_raw(raw)  # a policy drop gives two records (verdict + drop)
         self.stats.events += len(raw)
         self._emit(flows)
 
@@ -191,7 +215,7 @@ class Agent:
         expired_keys = []
         flows = []
         for key, val in entries.items():
-            first, last, _rep, _pk, _by, fseen, _reply, _it, _ic = ev.VAL.unpack(val)
+            first, last, _rep, _pk, _by, fseen, *_ = ev.VAL.unpack(val)
             proto = key[41]
             idle = (now - last) / 1e9
             if proto == ev.IPPROTO_TCP:
@@ -283,10 +307,48 @@ def _version() -> str:
         return ""
 
 
-def run_agent(cfg: AgentConfig) -> int:
+def build_agent(cfg: AgentConfig, shipper: Optional[Shipper] = None) -> "Agent":
+    """An agent with everything its configuration asks for: L7 capture sources and, when it follows
+    endpoints, the CNI plugin's fast-path service (started with the agent, stopped with it)."""
     from probe.l7capture import build_sources
 
-    agent = Agent(cfg, sources=build_sources(cfg))
+    sources = build_sources(cfg)
+    if cfg.policy:
+        from enforcer.sync import build_policy_sync
+
+        sources.append(build_policy_sync(cfg))
+    agent = Agent(cfg, shipper=shipper, sources=sources)
+    if cfg.follow_endpoints and cfg.cni_service:
+        agent.services.append(_CNIServiceHandle(cfg.state_dir))
+    return agent
+
+
+class _CNIServiceHandle:
+    """Starts `cni.service.CNIService` with the agent; a failure leaves the plugin on its standalone path."""
+
+    def __init__(self, state_dir: Optional[str]):
+        self.state_dir = state_dir
+        self.service = None
+
+    def start(self) -> None:
+        try:
+            from cni.service import CNIService
+
+            self.service = CNIService(self.state_dir)
+            self.service.start()
+            log.info("CNI fast path listening on %s", self.service.socket_path)
+        except Exception as e:  # another agent already serves it, or the state dir is unusable
+            self.service = None
+            log.warning("CNI fast path not started (the plugin works standalone): %s", e)
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+
+def run_agent(cfg: AgentConfig) -> int:
+    agent = build_agent(cfg)
     agent.install_signal_handlers()
     agent.start()
     log.info("agent on node %s shipping to %s; attached to %s", cfg.node_name, cfg.server,
