@@ -13,7 +13,6 @@ stream.
 
 from __future__ import annotations
 
-import calendar
 import heapq
 import os
 import threading
@@ -50,48 +49,8 @@ _NODE = FLOW_COLUMNS.index("node_name")
 # Row extraction (pure)
 # --------------------------------------------------------------------------------------------
 
-_epoch_cache: dict[str, int] = {}
-
-
-def time_ns_of(text: str) -> int:
-    """Nanoseconds of a timestamp; fast for the canonical ``YYYY-MM-DDTHH:MM:SS[.f{3,6,9}]Z`` form."""
-    if len(text) >= 20 and text[-1] == "Z" and text[10] == "T":
-        head = text[:19]
-        secs = _epoch_cache.get(head)
-        if secs is None:
-            try:
-                secs = calendar.timegm(time.strptime(head, "%Y-%m-%dT%H:%M:%S"))
-            except ValueError:
-                return schema.parse_timestamp(text)
-            if len(_epoch_cache) > 100_000:
-                _epoch_cache.clear()
-            _epoch_cache[head] = secs
-        frac = text[20:-1]
-        if len(text) == 20:
-            return secs * 1_000_000_000
-        if text[19] == "." and frac.isdigit() and len(frac) <= 9:
-            return secs * 1_000_000_000 + int(frac.ljust(9, "0"))
-    return schema.parse_timestamp(text)
-
-
-_fmt_cache: dict[int, str] = {}
-
-
-def format_time(ns: int) -> str:
-    """:func:`schema.format_timestamp`, with the date-time part cached per second (hot in queries)."""
-    secs, nanos = divmod(ns, 1_000_000_000)
-    base = _fmt_cache.get(secs)
-    if base is None:
-        if len(_fmt_cache) > 100_000:
-            _fmt_cache.clear()
-        base = _fmt_cache[secs] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-    if nanos == 0:
-        return base + "Z"
-    if nanos % 1_000_000 == 0:
-        return f"{base}.{nanos // 1_000_000:03d}Z"
-    if nanos % 1_000 == 0:
-        return f"{base}.{nanos // 1_000:06d}Z"
-    return f"{base}.{nanos:09d}Z"
+time_ns_of = schema.parse_timestamp  # fast path for canonical text, cached per second
+format_time = schema.format_timestamp  # cached per second in the schema module
 
 
 _IPV = {"IPv4": 4, "IPv6": 6}

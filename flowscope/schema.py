@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime, timezone
-from typing import Annotated, Any, ClassVar, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 import re
 
@@ -54,9 +54,23 @@ def format_timestamp(ns: int) -> str:
     return f"{base}.{nanos:09d}Z"
 
 
+_epoch_cache: dict[str, int] = {}
+
+
 def parse_timestamp(value: Any) -> int:
     """Nanoseconds since the epoch from an RFC 3339 string (any number of fractional digits),
-    an int (ns) or a datetime. Raises ValueError with a clear message otherwise."""
+    an int (ns) or a datetime. Raises ValueError with a clear message otherwise.
+
+    Canonical text (``YYYY-MM-DDTHH:MM:SS[.fff|.ffffff|.fffffffff]Z``, what the schema writes) takes a
+    fast path with the seconds part cached: queries parse one timestamp per stored row."""
+    if value.__class__ is str and len(value) >= 20 and value[-1] == "Z" and value[10] == "T":
+        secs = _epoch_cache.get(value[:19])
+        if secs is not None:
+            if len(value) == 20:
+                return secs * _NS
+            frac = value[20:-1]
+            if value[19] == "." and frac.isdigit() and len(frac) in (3, 6, 9):
+                return secs * _NS + int(frac.ljust(9, "0"))
     if isinstance(value, bool):
         raise ValueError("timestamp must be an RFC 3339 string or integer nanoseconds")
     if isinstance(value, int):
@@ -95,7 +109,12 @@ def parse_timestamp(value: Any) -> int:
         dt = datetime.fromisoformat(f"{date_part}T{clock}{offset}")
     except ValueError:
         raise ValueError(f"invalid RFC 3339 timestamp: {value!r}") from None
-    return int(dt.timestamp()) * _NS + frac_ns
+    secs = int(dt.timestamp())
+    if offset == "+00:00" and rest.endswith(("Z", "z")) and len(text) >= 20:
+        if len(_epoch_cache) > 100_000:
+            _epoch_cache.clear()
+        _epoch_cache[text[:19]] = secs
+    return secs * _NS + frac_ns
 
 
 _CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{3}|\.\d{6}|\.\d{9})?Z\Z")
