@@ -227,6 +227,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.hub = hub
     app.state.writer = writer
     app.mount("/static", StaticFiles(directory=os.path.join(WEB_DIR, "static")), name="static")
+    from enforcer.store import PolicyStore  # network policies (issue 4): /api/v1/policies
+
+    from .policies import create_policy_router
+
+    app.include_router(create_policy_router(PolicyStore(engine)))
 
     # ---- errors: always {"detail": "..."} ------------------------------------------------------
 

@@ -174,3 +174,8 @@ def sqlite_path(engine: Engine) -> Optional[str]:
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     return os.path.abspath(database)
+
+
+# Tables declared on this Base in other modules, imported here so that Base.metadata (migrations, the
+# schema test) always holds every table.
+from enforcer import store as _policy_tables  # noqa: E402,F401  (policies, policy_revisions)

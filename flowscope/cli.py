@@ -108,10 +108,15 @@ def _agent_config(server: str, interfaces, no_endpoints, state_dir, node_name, u
 @click.option("--l7-ports", default=None, metavar="PORTS",
               help="Comma list of ports always under L7 visibility (default 53,80,3000,5000,8000,8080,8081,"
                    "9092,50051); other ports are sniffed for a known protocol.")
+@click.option("--policy/--no-policy", "policy", default=True, show_default=True,
+              help="Enforce the server's network policies (CiliumNetworkPolicy) on the endpoints.")
+@click.option("--policy-audit-mode", is_flag=True,
+              help="Global audit mode: report what policies would drop (verdict AUDIT), drop nothing.")
 @click.option("--cleanup", is_flag=True, help="Only remove probe filters left by a killed agent, then exit.")
 @click.option("--log-level", default="info", show_default=True)
 def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_interval, batch_size,
-          flush_interval, l7: bool, l7_ports: Optional[str], cleanup: bool, log_level: str) -> None:
+          flush_interval, l7: bool, l7_ports: Optional[str], policy: bool, policy_audit_mode: bool, cleanup: bool,
+          log_level: str) -> None:
     """Run the node agent: attach the tc probe, build flows, ship them to the server."""
     _setup_logging(log_level)
     from probe.datapath import remove_stale_attachments
@@ -127,6 +132,8 @@ def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_in
     cfg = _agent_config(server, interfaces, no_endpoints, state_dir, node_name, update_interval,
                         batch_size, flush_interval)
     cfg.l7 = l7
+    cfg.policy = policy
+    cfg.policy_audit_mode = policy_audit_mode
     if l7_ports is not None:
         from probe.l7capture import parse_ports
 

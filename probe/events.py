@@ -3,6 +3,21 @@
 The binary layouts mirror ``probe/bpf/flow.c`` (``struct flow_key``, ``struct flow_val``,
 ``struct event``); :data:`EVENT`, :data:`KEY` and :data:`VAL` are checked against the C sizes when
 the program loads.
+
+Policy verdicts (issue 4), following Hubble's conventions:
+
+* a flow whose first packet got a policy verdict starts with a *policy-verdict* record
+  (``event_type {type: 5}``, verdict FORWARDED or AUDIT, ``policy_match_type``, ``*_allowed_by`` /
+  ``*_denied_by``); its later records are traces carrying the same verdict and policy fields;
+* every packet the kernel drops (``EV_DROP``) becomes two records, as Hubble shows them: the policy
+  verdict (``type 5``, DROPPED, the deciding policy) and the drop (``event_type {type: 1, sub_type:
+  133|181}``, ``drop_reason_desc`` POLICY_DENIED or POLICY_DENY); ``flowscope.event`` is ``drop`` for both;
+* replies of a tracked connection carry the connection's verdict (AUDIT stays AUDIT).
+
+Policy names come from a :class:`PolicyNames` resolver set on the :class:`FlowBuilder` (the agent's
+policy sync provides it). For a drop without a deciding rule (POLICY_DENIED, default deny) Hubble
+leaves ``*_denied_by`` empty; Flowscope names the policies that put the endpoint under default deny in
+that direction, so every drop says which policy caused it.
 """
 
 from __future__ import annotations
@@ -11,23 +26,31 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Protocol
+
+import msgspec
 
 from flowscope import schema
 from flowscope.endpoints import EndpointIndex
 
 # --- layouts (little-endian, natural alignment as clang lays the C structs out) ---------------
 KEY = struct.Struct("<16s16sHHIBBBB")                  # 44 bytes
-VAL = struct.Struct("<QQQQQHBBB3x")                    # 48 bytes
-EVENT = struct.Struct("<44s4xQQQQQQQHHBBBBII")         # 120 bytes
+VAL = struct.Struct("<QQQQQHBBBBBBII")                 # 56 bytes
+EVENT = struct.Struct("<44s4xQQQQQQQHHBBBBIIIBBBB")    # 128 bytes
 
 # Constants shared with flow.c.
 DIR_INGRESS, DIR_EGRESS = 1, 2
-EV_NEW, EV_FLAGS, EV_CLOSE, EV_UPDATE = 1, 2, 3, 4
+EV_NEW, EV_FLAGS, EV_CLOSE, EV_UPDATE, EV_DROP = 1, 2, 3, 4, 5
 EV_EXPIRE = 100  # produced by the agent's sweep, not by the kernel
-EVENT_NAMES = {EV_NEW: "new", EV_FLAGS: "flags", EV_CLOSE: "close", EV_UPDATE: "update", EV_EXPIRE: "expire"}
+EVENT_NAMES = {EV_NEW: "new", EV_FLAGS: "flags", EV_CLOSE: "close", EV_UPDATE: "update", EV_DROP: "drop",
+               EV_EXPIRE: "expire"}
 REPLY_NO, REPLY_YES, REPLY_UNKNOWN = 0, 1, 2
-STAT_UNUSED, STAT_EVENTS, STAT_RINGBUF_FAIL, STAT_MAP_FAIL, STAT_NON_IP, STAT_MAX = range(6)
+STAT_UNUSED, STAT_EVENTS, STAT_RINGBUF_FAIL, STAT_MAP_FAIL, STAT_NON_IP, STAT_POLICY_DROP, STAT_MAX = range(7)
+
+# Policy state in flow entries and events (flow.c VERDICT_*, DROP_POLICY_*, PF_*).
+VERDICT_NONE, VERDICT_FORWARDED, VERDICT_DROPPED, VERDICT_AUDIT = 0, 1, 2, 4
+DROP_POLICY_DENIED, DROP_POLICY_DENY = 133, 181
+PF_VERDICT, PF_REASON_DENY, PF_CT_REPLY = 0x01, 0x02, 0x04
 
 IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6, IPPROTO_SCTP = 1, 6, 17, 58, 132
 TCP_FIN, TCP_RST = 0x01, 0x04
@@ -66,14 +89,28 @@ class RawEvent:
     is_reply: int
     icmp_type: int
     icmp_code: int
+    # Policy (all 0 when the endpoint has no policy in this direction).
+    verdict: int = VERDICT_NONE      # VERDICT_*
+    drop_reason: int = 0             # DROP_POLICY_* for DROPPED and AUDIT
+    match_type: int = 0              # Hubble's policy_match_type
+    pflags: int = 0                  # PF_*
+    policy_id: int = 0               # the deciding policy (enforcer.compiler ids), 0 for none
+    peer_identity: int = 0           # the peer's identity, when a verdict was computed
+    pkt_len: int = 0
 
 
 def decode_event(raw: bytes) -> RawEvent:
-    (key, ts, first, pk, by, rpk, rby, rfirst, tflags, fseen, typ, reply, it, ic, _len,
-     _pad) = EVENT.unpack_from(raw)
+    (key, ts, first, pk, by, rpk, rby, rfirst, tflags, fseen, typ, reply, it, ic, plen,
+     pid, peer, verdict, reason, mt, pflags) = EVENT.unpack_from(raw)
     saddr, daddr, sport, dport, ifindex, family, proto, dir_, _ = KEY.unpack(key)
     return RawEvent(saddr, daddr, sport, dport, ifindex, family, proto, dir_, ts, first, pk, by, rpk, rby,
-                    rfirst, tflags, fseen, typ, reply, it, ic)
+                    rfirst, tflags, fseen, typ, reply, it, ic, verdict, reason, mt, pflags, pid, peer, plen)
+
+
+def unpack_val(val: bytes) -> tuple:
+    """``(first_ns, last_ns, report_ns, packets, bytes, flags_seen, is_reply, icmp_type, icmp_code,
+    verdict, match_type, pflags, policy_id, peer_identity)`` of a flow-map value."""
+    return VAL.unpack(val)
 
 
 def reverse_key(key: bytes) -> bytes:
@@ -85,12 +122,15 @@ def reverse_key(key: bytes) -> bytes:
 def expire_event(key: bytes, val: bytes, rev_val: Optional[bytes], now_mono_ns: int) -> RawEvent:
     """A final record for a flow-map entry the sweep removes (its last counters)."""
     saddr, daddr, sport, dport, ifindex, family, proto, dir_, _ = KEY.unpack(key)
-    first, last, _rep, pk, by, fseen, reply, it, ic = VAL.unpack(val)
+    first, last, _rep, pk, by, fseen, reply, it, ic, verdict, mt, pflags, pid, peer = VAL.unpack(val)
     rpk = rby = rfirst = 0
     if rev_val is not None:
         rfirst, _rl, _rr, rpk, rby, *_ = VAL.unpack(rev_val)
+    reason = 0
+    if verdict == VERDICT_AUDIT:
+        reason = DROP_POLICY_DENY if pflags & PF_REASON_DENY else DROP_POLICY_DENIED
     return RawEvent(saddr, daddr, sport, dport, ifindex, family, proto, dir_, last, first, pk, by, rpk, rby,
-                    rfirst, 0, fseen, EV_EXPIRE, reply, it, ic)
+                    rfirst, 0, fseen, EV_EXPIRE, reply, it, ic, verdict, reason, mt, pflags, pid, peer)
 
 
 def _addr(family: int, raw: bytes) -> str:
@@ -126,6 +166,25 @@ _TRACE_FROM = schema.CiliumEventType(type=schema.EVENT_TRACE, sub_type=TRACE_FRO
 _TRACE_TO = schema.CiliumEventType(type=schema.EVENT_TRACE, sub_type=TRACE_TO_LXC)
 _TCP_FLAGS = [schema.TCPFlags(**schema.tcp_flags_dict(bits)) for bits in range(512)]
 _TCP_SUMMARY = [tcp_summary(bits) for bits in range(512)]
+_POLICY_VERDICT = schema.CiliumEventType(type=schema.EVENT_POLICY_VERDICT, sub_type=0)
+_DROP_TYPES = {r: schema.CiliumEventType(type=schema.EVENT_DROP, sub_type=r) for r in (DROP_POLICY_DENIED, DROP_POLICY_DENY)}
+_VERDICTS = {VERDICT_NONE: _FORWARDED, VERDICT_FORWARDED: _FORWARDED, VERDICT_DROPPED: schema.Verdict.DROPPED,
+             VERDICT_AUDIT: schema.Verdict.AUDIT}
+_DROPPED = schema.Verdict.DROPPED
+
+
+class PolicyNames(Protocol):
+    """Names the policies behind kernel verdicts. Provided by the agent's policy sync and replaced as a
+    whole when the policies change (never mutated while a builder uses it)."""
+
+    def policy(self, policy_id: int) -> Optional[schema.Policy]:
+        """The policy with this id (as ``*_allowed_by`` / ``*_denied_by`` report it), if known."""
+        ...
+
+    def default_deny(self, ifindex: int, direction: str) -> list[schema.Policy]:
+        """The policies that put the endpoint behind ``ifindex`` under default deny in ``direction``
+        (``"ingress"``/``"egress"``): the enforcing ones, or the audit-mode ones when none enforces."""
+        ...
 
 
 class FlowBuilder:
@@ -138,8 +197,11 @@ class FlowBuilder:
 
     def __init__(self, node_name: str, index: EndpointIndex, ifnames: dict[int, str],
                  clock_offset_ns: int, uuid_source: Optional[Callable[[], str]] = None,
-                 emitter_version: str = "", cache_size: int = 65536):
+                 emitter_version: str = "", cache_size: int = 65536,
+                 policy_names: Optional[PolicyNames] = None):
         self.node_name = node_name
+        #: Resolves policy ids in kernel verdicts to names; replace it at any time (None: ids unnamed).
+        self.policy_names = policy_names
         self._index = index
         self._ifnames = ifnames
         self.clock_offset_ns = clock_offset_ns
@@ -221,10 +283,69 @@ class FlowBuilder:
             ingress_packets=str(ingress_p), ingress_bytes=str(ingress_b),
             flow_start=schema.format_timestamp(start + off), flow_end=now,
         )
+        if not e.verdict:  # no policy in this direction: the common case stays lean
+            return schema.Flow(
+                time=now, uuid=self.uuid(), emitter=self._emitter, verdict=_FORWARDED, IP=ip, l4=l4,
+                source=src_ep, destination=dst_ep, Type=_L3_L4, node_name=self.node_name,
+                event_type=_TRACE_FROM if from_endpoint else _TRACE_TO, traffic_direction=direction,
+                trace_observation_point=_FROM_EP if from_endpoint else _TO_EP, is_reply=is_reply,
+                interface=iface, Summary=summary, flowscope=ext,
+            )
+        if e.type == EV_DROP:
+            event_type = _DROP_TYPES.get(e.drop_reason) or schema.CiliumEventType(type=schema.EVENT_DROP,
+                                                                                  sub_type=e.drop_reason)
+        elif e.type == EV_NEW and e.pflags & PF_VERDICT and not e.pflags & PF_CT_REPLY:
+            event_type = _POLICY_VERDICT
+        else:
+            event_type = _TRACE_FROM if from_endpoint else _TRACE_TO
         return schema.Flow(
-            time=now, uuid=self.uuid(), emitter=self._emitter, verdict=_FORWARDED, IP=ip, l4=l4,
+            time=now, uuid=self.uuid(), emitter=self._emitter, IP=ip, l4=l4,
             source=src_ep, destination=dst_ep, Type=_L3_L4, node_name=self.node_name,
-            event_type=_TRACE_FROM if from_endpoint else _TRACE_TO, traffic_direction=direction,
+            event_type=event_type, traffic_direction=direction,
             trace_observation_point=_FROM_EP if from_endpoint else _TO_EP, is_reply=is_reply,
-            interface=iface, Summary=summary, flowscope=ext,
+            interface=iface, Summary=summary, flowscope=ext, **self._policy_fields(e, direction),
         )
+
+    def _policy_fields(self, e: RawEvent, direction: schema.TrafficDirection) -> dict:
+        """verdict, drop reason (DROPPED only, as ``Decision.flow_fields``), match type and the deciding
+        policies under the direction of the connection (a reply reports its connection's policy)."""
+        verdict = _VERDICTS.get(e.verdict, _FORWARDED)
+        out: dict = {"verdict": verdict}
+        if e.match_type:
+            out["policy_match_type"] = e.match_type
+        if verdict is _DROPPED and e.drop_reason:
+            out["drop_reason_desc"] = schema.DropReason(e.drop_reason)
+        names = self.policy_names
+        if names is None:
+            return out
+        side = "ingress" if direction is _INGRESS else "egress"
+        if verdict is _FORWARDED:
+            if e.policy_id:
+                ref = names.policy(e.policy_id)
+                if ref is not None:
+                    out[f"{side}_allowed_by"] = [ref]
+        elif e.policy_id:
+            ref = names.policy(e.policy_id)
+            if ref is not None:
+                out[f"{side}_denied_by"] = [ref]
+        elif e.drop_reason == DROP_POLICY_DENIED:
+            refs = names.default_deny(e.ifindex, side)
+            if refs:
+                out[f"{side}_denied_by"] = list(refs)
+        return out
+
+    def build_many(self, events: Iterable[RawEvent]) -> list[schema.Flow]:
+        """Flows for a batch of events, in order. A dropped packet gives two records, as in Hubble: its
+        policy verdict, then the drop."""
+        out: list[schema.Flow] = []
+        build = self.build
+        for e in events:
+            f = build(e)
+            if e.type == EV_DROP:
+                out.append(msgspec.structs.replace(f, uuid=self.uuid(), event_type=_POLICY_VERDICT))
+            out.append(f)
+        return out
+
+    def build_raw(self, raws: Iterable[bytes]) -> list[schema.Flow]:
+        """Decode and build a batch of kernel events (see :meth:`build_many`)."""
+        return self.build_many(map(decode_event, raws))

@@ -16,8 +16,10 @@ def _key(src, dst, sport, dport, proto, dir_, ifindex=7, family=4):
     return ev.KEY.pack(s, d, sport, dport, ifindex, family, proto, dir_, 0)
 
 
-def _event(key, typ, tcp_flags=0, reply=ev.REPLY_NO, pk=3, by=300, rpk=2, rby=200, ts=2_000, first=1_000):
-    return ev.EVENT.pack(key, ts, first, pk, by, rpk, rby, 900, tcp_flags, tcp_flags, typ, reply, 0, 0, 60, 0)
+def _event(key, typ, tcp_flags=0, reply=ev.REPLY_NO, pk=3, by=300, rpk=2, rby=200, ts=2_000, first=1_000,
+           verdict=0, reason=0, match_type=0, pflags=0, policy_id=0, peer=0, icmp=(0, 0)):
+    return ev.EVENT.pack(key, ts, first, pk, by, rpk, rby, 900, tcp_flags, tcp_flags, typ, reply, icmp[0], icmp[1], 60,
+                         policy_id, peer, verdict, reason, match_type, pflags)
 
 
 def builder():
@@ -29,7 +31,7 @@ def builder():
 
 
 def test_layouts_match_c_sizes():
-    assert (ev.KEY.size, ev.VAL.size, ev.EVENT.size) == (44, 48, 120)
+    assert (ev.KEY.size, ev.VAL.size, ev.EVENT.size) == (44, 56, 128)
 
 
 def test_syn_from_endpoint_is_egress_request():
@@ -68,8 +70,8 @@ def test_unknown_reply_state_is_absent():
 
 def test_ipv6_udp_and_expire_record():
     key = _key("fd00::1", "fd00::2", 5353, 53, ev.IPPROTO_UDP, ev.DIR_EGRESS, family=6)
-    val = ev.VAL.pack(1_000, 5_000, 5_000, 10, 1000, 0, ev.REPLY_NO, 0, 0)
-    rev = ev.VAL.pack(1_500, 5_000, 5_000, 9, 900, 0, ev.REPLY_YES, 0, 0)
+    val = ev.VAL.pack(1_000, 5_000, 5_000, 10, 1000, 0, ev.REPLY_NO, 0, 0, 0, 0, 0, 0, 0)
+    rev = ev.VAL.pack(1_500, 5_000, 5_000, 9, 900, 0, ev.REPLY_YES, 0, 0, 0, 0, 0, 0, 0)
     assert ev.reverse_key(ev.reverse_key(key)) == key
     f = builder().build(ev.expire_event(key, val, rev, now_mono_ns=9_000))
     assert f.flowscope.event == "expire" and f.l4.UDP.destination_port == 53
@@ -84,3 +86,101 @@ def test_uuid_source_is_unique_and_uuid_shaped():
     ids = {src() for _ in range(1000)}
     assert len(ids) == 1000
     uuid.UUID(next(iter(ids)))
+
+
+# --------------------------------------------------------------------------------------------
+# Policy verdicts (issue 4)
+# --------------------------------------------------------------------------------------------
+
+
+class Names:
+    """A PolicyNames resolver: ids 7 (allow-web) and 9 (deny-db), default deny by `base` on ifindex 7."""
+
+    def __init__(self):
+        self.refs = {7: schema.Policy(name="allow-web", namespace="ns", revision="3", kind="CiliumNetworkPolicy"),
+                     9: schema.Policy(name="deny-db", namespace="ns", revision="4", kind="CiliumNetworkPolicy"),
+                     11: schema.Policy(name="base", namespace="ns", revision="1", kind="CiliumNetworkPolicy")}
+
+    def policy(self, pid):
+        return self.refs.get(pid)
+
+    def default_deny(self, ifindex, direction):
+        return [self.refs[11]] if (ifindex, direction) == (7, "ingress") else []
+
+
+def policy_builder():
+    b = builder()
+    b.uuid = ev.UuidSource()
+    b.policy_names = Names()
+    return b
+
+
+def test_drop_becomes_policy_verdict_then_drop_naming_the_deny_rule():
+    key = _key("10.0.0.9", "10.0.0.1", 40000, 5432, ev.IPPROTO_TCP, ev.DIR_INGRESS)
+    raw = _event(key, ev.EV_DROP, tcp_flags=0x02, pk=1, by=60, rpk=0, rby=0, verdict=ev.VERDICT_DROPPED,
+                 reason=ev.DROP_POLICY_DENY, match_type=2, pflags=ev.PF_VERDICT | ev.PF_REASON_DENY,
+                 policy_id=9, peer=2)
+    e = ev.decode_event(raw)
+    assert (e.verdict, e.drop_reason, e.policy_id, e.peer_identity, e.pkt_len) == (2, 181, 9, 2, 60)
+    pv, drop = policy_builder().build_raw([raw])
+    for f in (pv, drop):
+        d = schema.dump_flow(f)
+        assert d["verdict"] == "DROPPED" and d["drop_reason_desc"] == "POLICY_DENY"
+        assert d["traffic_direction"] == "INGRESS" and d["policy_match_type"] == 2
+        assert d["ingress_denied_by"] == [{"name": "deny-db", "namespace": "ns", "revision": "4",
+                                           "kind": "CiliumNetworkPolicy"}]
+        assert "egress_denied_by" not in d and "ingress_allowed_by" not in d
+        assert d["flowscope"]["event"] == "drop" and d["flowscope"]["ingress_packets"] == "1"
+    assert pv.event_type == schema.CiliumEventType(type=5, sub_type=0)
+    assert drop.event_type == schema.CiliumEventType(type=1, sub_type=181)
+    assert pv.uuid != drop.uuid
+
+
+def test_default_deny_drop_names_the_policies_behind_it():
+    raw = _event(_key("10.0.0.9", "10.0.0.1", 5000, 53, ev.IPPROTO_UDP, ev.DIR_INGRESS), ev.EV_DROP,
+                 verdict=ev.VERDICT_DROPPED, reason=ev.DROP_POLICY_DENIED, pflags=ev.PF_VERDICT, peer=2)
+    flows = policy_builder().build_raw([raw])
+    assert [f.event_type.type for f in flows] == [5, 1]
+    assert flows[1].event_type.sub_type == 133 and flows[1].drop_reason_desc.value == "POLICY_DENIED"
+    assert [p.name for p in flows[1].ingress_denied_by] == ["base"] and flows[1].policy_match_type == 0
+    # without a resolver the verdict and reason are still there, just no names
+    plain = builder().build_raw([raw])
+    assert plain[1].verdict == schema.Verdict.DROPPED and plain[1].ingress_denied_by == []
+
+
+def test_allowed_new_flow_is_a_policy_verdict_and_later_records_are_traces():
+    key = _key("10.0.0.1", "10.0.0.9", 40000, 80, ev.IPPROTO_TCP, ev.DIR_EGRESS)
+    new = _event(key, ev.EV_NEW, tcp_flags=0x02, verdict=ev.VERDICT_FORWARDED, match_type=2, pflags=ev.PF_VERDICT,
+                 policy_id=7)
+    fin = _event(key, ev.EV_CLOSE, tcp_flags=0x11, verdict=ev.VERDICT_FORWARDED, match_type=2,
+                 pflags=ev.PF_VERDICT, policy_id=7)
+    a, b = policy_builder().build_raw([new, fin])
+    assert a.event_type.type == 5 and b.event_type.type == 4
+    for f in (a, b):
+        assert f.verdict == schema.Verdict.FORWARDED and [p.name for p in f.egress_allowed_by] == ["allow-web"]
+        assert f.drop_reason_desc.value == "DROP_REASON_UNKNOWN" and f.policy_match_type == 2
+
+
+def test_reply_carries_the_connection_verdict_under_the_connection_direction():
+    # the reply of an audited ingress connection leaves the endpoint: still INGRESS, still AUDIT
+    raw = _event(_key("10.0.0.1", "10.0.0.9", 80, 40000, ev.IPPROTO_TCP, ev.DIR_EGRESS), ev.EV_NEW,
+                 tcp_flags=0x12, reply=ev.REPLY_YES, verdict=ev.VERDICT_AUDIT, reason=ev.DROP_POLICY_DENIED,
+                 pflags=ev.PF_CT_REPLY)
+    b = policy_builder()
+    b.ifnames = {7: "lxc7"}
+    (f,) = b.build_raw([raw])
+    assert f.is_reply is True and f.traffic_direction == schema.TrafficDirection.INGRESS
+    assert f.verdict == schema.Verdict.AUDIT and f.event_type.type == 4  # a trace, not a new verdict
+    assert "drop_reason_desc" not in schema.dump_flow(f)  # only DROPPED flows carry a drop reason
+    assert [p.name for p in f.ingress_denied_by] == ["base"]
+
+
+def test_expired_entry_keeps_its_policy_state():
+    key = _key("10.0.0.1", "10.0.0.9", 40000, 8080, ev.IPPROTO_TCP, ev.DIR_EGRESS)
+    val = ev.VAL.pack(1_000, 5_000, 5_000, 10, 1000, 0x1B, ev.REPLY_NO, 0, 0, ev.VERDICT_AUDIT, 2,
+                      ev.PF_VERDICT | ev.PF_REASON_DENY, 9, 300)
+    e = ev.expire_event(key, val, None, now_mono_ns=9_000)
+    assert (e.verdict, e.drop_reason, e.match_type, e.policy_id, e.peer_identity) == (4, 181, 2, 9, 300)
+    f = policy_builder().build(e)
+    assert f.verdict == schema.Verdict.AUDIT and f.flowscope.event == "expire"
+    assert [p.name for p in f.egress_denied_by] == ["deny-db"] and f.event_type.type == 4

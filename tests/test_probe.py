@@ -273,3 +273,25 @@ def test_no_loss_and_stale_filters_replaced(probe_env):
     assert client.ifindex in find_stale_attachments()
     assert client.ifindex in remove_stale_attachments()
     assert _our_filters(client.host_if, "ingress") == 0 and _our_filters(client.host_if, "egress") == 0
+
+
+def test_layouts_match_the_loaded_program_and_no_policy_means_no_verdicts(probe_env):
+    """The decoders' layouts are the kernel's; an agent without policy keeps every flow FORWARDED with no
+    policy fields, the flow entries carry no verdict, and nothing is dropped."""
+    import ctypes as ct
+
+    from probe import events as ev
+
+    agent, sink, client, srv = probe_env
+    assert (ct.sizeof(agent.dp.flows.Key), ct.sizeof(agent.dp.flows.Leaf)) == (ev.KEY.size, ev.VAL.size)
+    client.exec(["ping", "-c", "2", "-i", "0.2", srv.ipv4])
+    client.exec(["curl", "-s", "-m", "1", "-o", "/dev/null", f"http://{srv.ipv4}:9/"], check=False)  # RST
+    pump(agent, 0.3)
+    assert sink.flows
+    for f in sink.flows:
+        assert f.verdict == schema.Verdict.FORWARDED and f.event_type.type == schema.EVENT_TRACE
+        assert f.policy_match_type == 0 and not f.ingress_allowed_by and not f.egress_denied_by
+    for _key, val in agent.dp.snapshot_flows():
+        *_, verdict, match_type, pflags, policy_id, peer = ev.unpack_val(val)
+        assert (verdict, match_type, pflags, policy_id, peer) == (0, 0, 0, 0, 0)
+    assert sum(agent.dp.read_stats()[ev.STAT_POLICY_DROP]) == 0

@@ -13,6 +13,17 @@
 // Loss is counted, never hidden: failed ring buffer submits and failed map inserts go to per-CPU
 // counters that the agent reports as LostEvents.
 //
+// Policy enforcement (maps written by enforcer/datapath.py from enforcer/compiler.py's CompiledPolicy):
+//   policy_endpoints  ifindex -> (endpoint identity, FLAG_* of the compiler)
+//   policy_ipcache    LPM trie: address prefix -> identity (every lookup hits: 0.0.0.0/0 and ::/0 are world)
+//   policy_map        LPM trie: (endpoint, direction, deny, peer, proto, port block) -> (policy id, audit, match type)
+// The policy is consulted only when a flow entry is created, and only when the endpoint has a policy in
+// that direction: the flow map is the connection tracking table. Established flows and replies of
+// tracked connections (the reverse entry exists) pass without a lookup; the verdict, policy id and match
+// type are stored in the flow entry and reported with its events. Denied packets create no entry (a
+// flood of them cannot evict tracked connections), are dropped (TC_ACT_SHOT) and every one of them is
+// reported as an EV_DROP event (no aggregation). Audit verdicts pass and are stored as AUDIT.
+//
 // Only UAPI headers are used: the build headers may not match the running kernel.
 
 #include <uapi/linux/bpf.h>
@@ -35,6 +46,15 @@
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 1024
 #endif
+#ifndef POLICY_ENDPOINTS
+#define POLICY_ENDPOINTS 16384
+#endif
+#ifndef POLICY_IPCACHE
+#define POLICY_IPCACHE 65536
+#endif
+#ifndef POLICY_ENTRIES
+#define POLICY_ENTRIES 262144
+#endif
 
 // Direction from the endpoint's point of view (the interface is the endpoint's host side).
 #define DIR_INGRESS 1   // towards the endpoint: tc egress of the host-side interface
@@ -44,6 +64,7 @@
 #define EV_FLAGS 2
 #define EV_CLOSE 3
 #define EV_UPDATE 4
+#define EV_DROP 5       // one per dropped packet (no flow entry exists for it)
 
 #define REPLY_NO 0
 #define REPLY_YES 1
@@ -56,7 +77,34 @@
 #define STAT_RINGBUF_FAIL 2
 #define STAT_MAP_FAIL 3
 #define STAT_NON_IP 4
-#define STAT_MAX 5
+#define STAT_POLICY_DROP 5   // packets dropped by policy (each one also produces an EV_DROP event)
+#define STAT_MAX 6
+
+// Hubble's verdict and drop reason numbers.
+#define VERDICT_FORWARDED 1
+#define VERDICT_DROPPED 2
+#define VERDICT_AUDIT 4
+#define DROP_POLICY_DENIED 133
+#define DROP_POLICY_DENY 181
+
+// Endpoint flags (enforcer/compiler.py FLAG_*).
+#define FLAG_INGRESS_POLICY 0x01
+#define FLAG_EGRESS_POLICY 0x02
+#define FLAG_INGRESS_AUDIT_POLICY 0x04
+#define FLAG_EGRESS_AUDIT_POLICY 0x08
+#define FLAG_INGRESS_DENY 0x10
+#define FLAG_EGRESS_DENY 0x20
+#define FLAG_AUDIT 0x40
+#define FLAGS_INGRESS (FLAG_INGRESS_POLICY | FLAG_INGRESS_AUDIT_POLICY | FLAG_INGRESS_DENY)
+#define FLAGS_EGRESS (FLAG_EGRESS_POLICY | FLAG_EGRESS_AUDIT_POLICY | FLAG_EGRESS_DENY)
+
+// Policy state of a flow entry / event (pflags).
+#define PF_VERDICT 0x01      // a policy verdict was computed when the entry was created
+#define PF_REASON_DENY 0x02  // the (would-be) drop reason is an explicit deny rule, else no allow
+#define PF_CT_REPLY 0x04     // passed as the reply of a tracked connection, verdict taken from it
+
+// LPM key bits before the port: endpoint(32) + direction, deny, proto, pad (32) + peer (32).
+#define POLICY_FIXED_BITS 96
 
 struct flow_key {
     __u32 saddr[4];
@@ -80,7 +128,11 @@ struct flow_val {
     __u8 is_reply;
     __u8 icmp_type;
     __u8 icmp_code;
-    __u8 pad[3];
+    __u8 verdict;       // 0 (no policy: forwarded), VERDICT_FORWARDED, VERDICT_AUDIT
+    __u8 match_type;    // Hubble's policy_match_type of the deciding entry
+    __u8 pflags;        // PF_*
+    __u32 policy_id;    // deciding policy (0: none)
+    __u32 peer_id;      // the peer's identity when a verdict was computed
 };
 
 struct event {
@@ -99,12 +151,61 @@ struct event {
     __u8 icmp_type;
     __u8 icmp_code;
     __u32 pkt_len;
-    __u32 pad;
+    __u32 policy_id;
+    __u32 peer_id;
+    __u8 verdict;       // VERDICT_* (0: no policy)
+    __u8 drop_reason;   // DROP_POLICY_* for DROPPED and AUDIT, else 0
+    __u8 match_type;
+    __u8 pflags;
+};
+
+struct ep_info {
+    __u32 identity;
+    __u8 flags;         // FLAG_*
+    __u8 pad[3];
+};
+
+struct ipc_key {
+    __u32 prefixlen;    // 32 + address prefix length
+    __u8 family;        // 4 or 6
+    __u8 pad[3];
+    __u32 addr[4];
+};
+
+struct policy_key {
+    __u32 prefixlen;    // POLICY_FIXED_BITS + port prefix length (0..16)
+    __u32 endpoint;     // local endpoint identity
+    __u8 direction;     // 0 ingress, 1 egress
+    __u8 deny;
+    __u8 proto;         // 0: any protocol (then port block 0/0)
+    __u8 pad;
+    __u32 peer;         // 0: any peer
+    __be16 port;        // big-endian: the prefix bits are the port's high bits
+    __u16 pad2;
+};
+
+struct policy_value {
+    __u32 policy_id;
+    __u8 audit;
+    __u8 match_type;
+    __u16 pad;
+};
+
+struct verdict_info {
+    __u32 policy_id;
+    __u32 peer_id;
+    __u8 verdict;
+    __u8 drop_reason;
+    __u8 match_type;
+    __u8 pflags;
 };
 
 BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_ENTRIES);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, __u64, STAT_MAX);
+BPF_HASH(policy_endpoints, __u32, struct ep_info, POLICY_ENDPOINTS);
+BPF_LPM_TRIE(policy_ipcache, struct ipc_key, __u32, POLICY_IPCACHE);
+BPF_LPM_TRIE(policy_map, struct policy_key, struct policy_value, POLICY_ENTRIES);
 
 static __always_inline void stat_inc(int idx)
 {
@@ -145,6 +246,13 @@ static __always_inline void emit(struct flow_key *key, struct flow_val *v, __u8 
     ev.icmp_type = v->icmp_type;
     ev.icmp_code = v->icmp_code;
     ev.pkt_len = len;
+    ev.verdict = v->verdict;
+    ev.match_type = v->match_type;
+    ev.pflags = v->pflags;
+    ev.policy_id = v->policy_id;
+    ev.peer_id = v->peer_id;
+    if (v->verdict == VERDICT_AUDIT)
+        ev.drop_reason = (v->pflags & PF_REASON_DENY) ? DROP_POLICY_DENY : DROP_POLICY_DENIED;
 
     struct flow_key rkey = {};
     reverse_key(key, &rkey);
@@ -161,6 +269,136 @@ static __always_inline void emit(struct flow_key *key, struct flow_val *v, __u8 
         stat_inc(STAT_RINGBUF_FAIL);
     else
         stat_inc(STAT_EVENTS);
+}
+
+// A dropped packet: one event each, never aggregated. There is no flow entry, so no reverse counters.
+static __always_inline void emit_drop(struct flow_key *key, struct verdict_info *vi, __u16 tcp_flags,
+                                      __u8 icmp_type, __u8 icmp_code, __u64 now, __u32 len)
+{
+    struct event ev = {};
+    __builtin_memcpy(&ev.key, key, sizeof(ev.key));
+    ev.ts_ns = now;
+    ev.first_ns = now;
+    ev.packets = 1;
+    ev.bytes = len;
+    ev.tcp_flags = tcp_flags;
+    ev.flags_seen = tcp_flags;
+    ev.type = EV_DROP;
+    ev.is_reply = REPLY_NO;
+    ev.icmp_type = icmp_type;
+    ev.icmp_code = icmp_code;
+    ev.pkt_len = len;
+    ev.verdict = VERDICT_DROPPED;
+    ev.drop_reason = vi->drop_reason;
+    ev.match_type = vi->match_type;
+    ev.pflags = vi->pflags;
+    ev.policy_id = vi->policy_id;
+    ev.peer_id = vi->peer_id;
+    stat_inc(STAT_POLICY_DROP);
+    if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP) != 0)
+        stat_inc(STAT_RINGBUF_FAIL);
+    else
+        stat_inc(STAT_EVENTS);
+}
+
+static __always_inline __u32 peer_identity(const __u32 *addr, __u8 family)
+{
+    struct ipc_key k = {};
+    k.family = family;
+    if (family == 4) {
+        k.prefixlen = 32 + 32;
+        k.addr[0] = addr[0];
+    } else {
+        k.prefixlen = 32 + 128;
+        k.addr[0] = addr[0];
+        k.addr[1] = addr[1];
+        k.addr[2] = addr[2];
+        k.addr[3] = addr[3];
+    }
+    __u32 *id = policy_ipcache.lookup(&k);
+    return id ? *id : 2;  // world
+}
+
+// Walk the four levels in Cilium's order (L3+L4, L4-only, L3-only, all); stop at the first enforcing
+// entry, remember the first audit-mode one. Returns 1 when an enforcing entry was found.
+static __always_inline int policy_walk(struct policy_key *k, __u32 peer, __u8 proto, __u16 port,
+                                       struct policy_value *enforced, struct policy_value *audited,
+                                       int *has_audited)
+{
+    #pragma unroll
+    for (int lvl = 0; lvl < 4; lvl++) {
+        k->peer = (lvl == 0 || lvl == 2) ? peer : 0;
+        k->proto = lvl < 2 ? proto : 0;
+        k->port = lvl < 2 ? bpf_htons(port) : 0;
+        struct policy_value *e = policy_map.lookup(k);
+        if (!e)
+            continue;
+        if (!e->audit) {
+            *enforced = *e;
+            return 1;
+        }
+        if (!*has_audited) {
+            *audited = *e;
+            *has_audited = 1;
+        }
+    }
+    return 0;
+}
+
+// The verdict for the first packet of a flow at an endpoint (enforcer/decide.py is the reference).
+static __always_inline void policy_decide(const struct ep_info *ep, __u8 dir, __u32 peer, __u8 proto,
+                                          __u16 port, struct verdict_info *vi)
+{
+    __u8 pdir = dir == DIR_INGRESS ? 0 : 1;
+    __u8 flags = ep->flags;
+    __u8 f_policy = pdir ? FLAG_EGRESS_POLICY : FLAG_INGRESS_POLICY;
+    __u8 f_audit_policy = pdir ? FLAG_EGRESS_AUDIT_POLICY : FLAG_INGRESS_AUDIT_POLICY;
+    __u8 f_deny = pdir ? FLAG_EGRESS_DENY : FLAG_INGRESS_DENY;
+    struct policy_key k = {};
+    k.prefixlen = POLICY_FIXED_BITS + 16;
+    k.endpoint = ep->identity;
+    k.direction = pdir;
+    struct policy_value deny = {}, adeny = {}, allow = {}, aallow = {};
+    int has_deny = 0, has_adeny = 0, has_allow = 0, has_aallow = 0;
+    if (flags & f_deny) {
+        k.deny = 1;
+        has_deny = policy_walk(&k, peer, proto, port, &deny, &adeny, &has_adeny);
+    }
+    int policy_on = (flags & f_policy) != 0;
+    int audit_on = (flags & f_audit_policy) != 0;
+    if (!has_deny && (policy_on || audit_on)) {
+        k.deny = 0;
+        has_allow = policy_walk(&k, peer, proto, port, &allow, &aallow, &has_aallow);
+    }
+    __u8 drop = (flags & FLAG_AUDIT) ? VERDICT_AUDIT : VERDICT_DROPPED;
+    vi->peer_id = peer;
+    vi->pflags = PF_VERDICT;
+    if (has_deny) {
+        vi->verdict = drop;
+        vi->drop_reason = DROP_POLICY_DENY;
+        vi->pflags |= PF_REASON_DENY;
+        vi->policy_id = deny.policy_id;
+        vi->match_type = deny.match_type;
+    } else if (policy_on && !has_allow) {
+        vi->verdict = drop;
+        vi->drop_reason = DROP_POLICY_DENIED;
+    } else if (has_adeny) {
+        vi->verdict = VERDICT_AUDIT;
+        vi->drop_reason = DROP_POLICY_DENY;
+        vi->pflags |= PF_REASON_DENY;
+        vi->policy_id = adeny.policy_id;
+        vi->match_type = adeny.match_type;
+    } else if (audit_on && !has_allow && !has_aallow) {
+        vi->verdict = VERDICT_AUDIT;
+        vi->drop_reason = DROP_POLICY_DENIED;
+    } else if ((policy_on || audit_on) && (has_allow || has_aallow)) {
+        vi->verdict = VERDICT_FORWARDED;
+        vi->policy_id = has_allow ? allow.policy_id : aallow.policy_id;
+        vi->match_type = has_allow ? allow.match_type : aallow.match_type;
+    } else {
+        vi->verdict = VERDICT_FORWARDED;  // only deny rules, none matched: no policy verdict
+        vi->pflags = 0;
+    }
 }
 
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
@@ -280,6 +518,46 @@ account:;
         nv.flags_seen = tcp_flags;
         nv.icmp_type = icmp_type;
         nv.icmp_code = icmp_code;
+
+        // Policy: only for a new flow at an endpoint with a policy in this direction.
+        struct flow_val *rv = NULL;
+        int rv_known = 0;
+        struct ep_info *ep = policy_endpoints.lookup(&key.ifindex);
+        __u8 pmask = 0;
+        if (ep)
+            pmask = ep->flags & (dir == DIR_INGRESS ? FLAGS_INGRESS : FLAGS_EGRESS);
+        // IPv6 neighbour discovery and MLD are never subject to policy (as in Cilium).
+        if (pmask && key.proto == IPPROTO_ICMPV6 && ((icmp_type >= 130 && icmp_type <= 137) || icmp_type == 143))
+            pmask = 0;
+        if (pmask) {
+            struct flow_key rkey = {};
+            reverse_key(&key, &rkey);
+            rv = flows.lookup(&rkey);
+            rv_known = 1;
+            if (rv) {
+                // A reply of a tracked connection: it passes, with the connection's verdict.
+                nv.verdict = rv->verdict;
+                nv.match_type = rv->match_type;
+                nv.policy_id = rv->policy_id;
+                nv.peer_id = rv->peer_id;
+                nv.pflags = (rv->pflags & PF_REASON_DENY) | PF_CT_REPLY;
+            } else {
+                struct verdict_info vi = {};
+                __u32 peer = peer_identity(dir == DIR_INGRESS ? key.saddr : key.daddr, key.family);
+                __u16 port = (key.proto == IPPROTO_ICMP || key.proto == IPPROTO_ICMPV6) ? icmp_type : key.dport;
+                policy_decide(ep, dir, peer, key.proto, port, &vi);
+                if (vi.verdict == VERDICT_DROPPED) {
+                    emit_drop(&key, &vi, tcp_flags, icmp_type, icmp_code, now, len);
+                    return TC_ACT_SHOT;
+                }
+                nv.verdict = vi.verdict;
+                nv.match_type = vi.match_type;
+                nv.policy_id = vi.policy_id;
+                nv.peer_id = vi.peer_id;
+                nv.pflags = vi.pflags;
+            }
+        }
+
         if (key.proto == IPPROTO_TCP && (tcp_flags & 0x12) == 0x02) {
             nv.is_reply = REPLY_NO;            // SYN
         } else if (key.proto == IPPROTO_TCP && (tcp_flags & 0x12) == 0x12) {
@@ -289,9 +567,11 @@ account:;
         } else if (is_echo_reply) {
             nv.is_reply = REPLY_YES;
         } else {
-            struct flow_key rkey = {};
-            reverse_key(&key, &rkey);
-            struct flow_val *rv = flows.lookup(&rkey);
+            if (!rv_known) {
+                struct flow_key rkey = {};
+                reverse_key(&key, &rkey);
+                rv = flows.lookup(&rkey);
+            }
             if (rv)
                 nv.is_reply = rv->is_reply == REPLY_UNKNOWN ? REPLY_UNKNOWN : !rv->is_reply;
             else
