@@ -73,6 +73,7 @@ class Settings:
     writer_max_rows: int = 2000
     migrate: bool = True  # apply Alembic migrations when the app is created
     writer_process: Optional[bool] = None  # insert in a child process (None: yes, unless in-memory/1 CPU)
+    hubble: Optional[Any] = None  # api.hubble.config.HubbleConfig: serve Hubble's gRPC API too (None: no)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,9 +213,17 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(writer.start)
+        hubble = None
         try:
+            if settings.hubble is not None:  # Hubble's gRPC API on this loop (issue 9)
+                from .hubble.server import start_hubble
+
+                hubble = await start_hubble(store, hub, settings.hubble, version=f"{API_VERSION} (flowscope)")
+            _app.state.hubble = hubble
             yield
         finally:
+            if hubble is not None:
+                await hubble.stop()
             await run_in_threadpool(writer.close)
             decoder_pool.shutdown(wait=False)
             engine.dispose()

@@ -13,6 +13,8 @@ from typing import Optional
 
 import click
 
+from api.hubble.config import hubble_options
+
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
 
@@ -62,15 +64,27 @@ def _server_options(f):
     return f
 
 
+def _hubble_config(options: dict):
+    """The Hubble gRPC API settings of the --hubble-* options, checked (one clear error, no traceback)."""
+    from api.hubble.config import config_from_options
+    from api.hubble.server import HubbleStartError, preflight
+
+    try:
+        return preflight(config_from_options(**options))
+    except HubbleStartError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @main.command()
 @_server_options
+@hubble_options
 @click.option("--log-level", default="info", show_default=True)
-def server(db_url: Optional[str], host: str, port: int, log_level: str) -> None:
-    """Run the API server (ingest, queries, live stream, dashboard)."""
+def server(db_url: Optional[str], host: str, port: int, log_level: str, **hubble) -> None:
+    """Run the API server (ingest, queries, live stream, dashboard) and Hubble's gRPC API."""
     _setup_logging(log_level)
     from api.server import serve
 
-    serve(db_url=db_url, host=host, port=port, log_level=log_level)
+    serve(db_url=db_url, host=host, port=port, log_level=log_level, hubble=_hubble_config(hubble))
 
 
 # ------------------------------------------------------------------------------------ agent
@@ -149,14 +163,20 @@ def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_in
 @main.command()
 @_server_options
 @_agent_options
+@hubble_options
 @click.option("--log-level", default="info", show_default=True)
 def up(db_url, host, port, interfaces, no_endpoints, state_dir, node_name, update_interval, batch_size,
-       flush_interval, log_level) -> None:
+       flush_interval, log_level, **hubble) -> None:
     """Run the server and the agent together (the server in a child process)."""
     _setup_logging(log_level)
+    from api.hubble.config import DISABLED_ARGS, config_from_options
     from flowscope.platform import Platform
 
-    with Platform(db_url=db_url, host=host, port=port, log_level=log_level) as plat:
+    hubble_cfg = config_from_options(**hubble)
+    if state_dir:  # the server reads the endpoint registry too (Hubble agent events)
+        os.environ["FLOWSCOPE_STATE_DIR"] = state_dir
+    with Platform(db_url=db_url, host=host, port=port, log_level=log_level,
+                  server_args=hubble_cfg.cli_args() if hubble_cfg else DISABLED_ARGS) as plat:
         cfg = _agent_config(plat.url, interfaces, no_endpoints, state_dir, node_name, update_interval,
                             batch_size, flush_interval)
         click.echo(f"Flowscope is up: {plat.url}  (Ctrl-C to stop)", err=True)

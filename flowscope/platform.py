@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import httpx
 
@@ -25,12 +25,13 @@ class PlatformError(RuntimeError):
 
 class Platform:
     def __init__(self, db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080,
-                 log_level: str = "info", startup_timeout: float = 90.0):
+                 log_level: str = "info", startup_timeout: float = 90.0, server_args: Sequence[str] = ()):
         self.db_url = db_url
         self.host = host
         self.port = port
         self.log_level = log_level
         self.startup_timeout = startup_timeout
+        self.server_args = list(server_args)  # extra `flowscope server` options (e.g. --hubble-listen)
         self.proc: Optional[subprocess.Popen] = None
         self.agent = None
 
@@ -52,6 +53,7 @@ class Platform:
                 "--log-level", self.log_level]
         if self.db_url:
             args += ["--db", self.db_url]
+        args += self.server_args
         self.proc = subprocess.Popen(args, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

@@ -107,5 +107,6 @@ install_apt
 install_headers
 mount_fs
 make_venv
+.venv/bin/python -m api.hubble.pb >/dev/null && say "Hubble API protos compiled (grpcio-tools)" || warn "compiling the Hubble API protos failed"
 install_web_assets
 say "done"
