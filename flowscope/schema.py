@@ -131,11 +131,12 @@ def normalize_uint64(value: Any) -> str:
     """protojson's text for a uint64 given as int or decimal text."""
     if isinstance(value, str):
         if value.isdigit():
-            return str(int(value)) if value[:1] == "0" and len(value) > 1 else value
+            out = str(int(value)) if value[:1] == "0" and len(value) > 1 else value
+            return "0" if out == "0" else out  # the literal: omit_defaults compares strings by identity
         raise ValueError(f"not an unsigned integer: {value!r}")
     if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 1 << 64:
         raise ValueError(f"not an unsigned 64-bit integer: {value!r}")
-    return str(value)
+    return "0" if value == 0 else str(value)
 
 
 UInt32 = Annotated[int, Meta(ge=0, le=0xFFFFFFFF)]
@@ -424,7 +425,7 @@ class Layer7(Message):
     kafka: Optional[Kafka] = None
 
     def __post_init__(self) -> None:
-        if self.latency_ns.__class__ is not str or not self.latency_ns.isdigit():
+        if self.latency_ns.__class__ is not str or not self.latency_ns.isdigit() or self.latency_ns == "0":
             self.latency_ns = normalize_uint64(self.latency_ns)
 
 
@@ -480,7 +481,7 @@ class FlowscopeExtension(Message):
     def __post_init__(self) -> None:
         for name in ("egress_packets", "egress_bytes", "ingress_packets", "ingress_bytes"):
             v = getattr(self, name)
-            if v.__class__ is not str or not v.isdigit():
+            if v.__class__ is not str or not v.isdigit() or v == "0":
                 setattr(self, name, normalize_uint64(v))
         if self.flow_start != "":
             self.flow_start = normalize_timestamp(self.flow_start)
