@@ -73,6 +73,11 @@ class Settings:
     writer_max_rows: int = 2000
     migrate: bool = True  # apply Alembic migrations when the app is created
     writer_process: Optional[bool] = None  # insert in a child process (None: yes, unless in-memory/1 CPU)
+    # Alerts, /metrics, flow export (issue 7, api/alerts_routes.py): dashboard links in alerts (default
+    # $FLOWSCOPE_PUBLIC_URL or http://127.0.0.1:8080), evaluation period, flowscope.export.ExportConfig.
+    public_url: str = ""
+    alert_eval_interval_s: float = 1.0
+    export: Optional[Any] = None
     hubble: Optional[Any] = None  # api.hubble.config.HubbleConfig: serve Hubble's gRPC API too (None: no)
 
 
@@ -241,6 +246,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     from .policies import create_policy_router
 
     app.include_router(create_policy_router(PolicyStore(engine)))
+    from .alerts_routes import install as install_alerts  # alerts, /metrics, flow export (issue 7)
+
+    install_alerts(app, settings=settings, engine=engine, store=store, hub=hub, writer=writer)
 
     # ---- errors: always {"detail": "..."} ------------------------------------------------------
 

@@ -179,3 +179,4 @@ def sqlite_path(engine: Engine) -> Optional[str]:
 # Tables declared on this Base in other modules, imported here so that Base.metadata (migrations, the
 # schema test) always holds every table.
 from enforcer import store as _policy_tables  # noqa: E402,F401  (policies, policy_revisions)
+from api.alerts import store as _alert_tables  # noqa: E402,F401  (alert_* tables, issue 7)

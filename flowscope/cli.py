@@ -14,6 +14,7 @@ from typing import Optional
 import click
 
 from api.hubble.config import hubble_options
+from flowscope.export import EXPORT_OPTION_NAMES, export_config_from_options, export_options
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
@@ -78,13 +79,15 @@ def _hubble_config(options: dict):
 @main.command()
 @_server_options
 @hubble_options
+@export_options
 @click.option("--log-level", default="info", show_default=True)
 def server(db_url: Optional[str], host: str, port: int, log_level: str, **hubble) -> None:
     """Run the API server (ingest, queries, live stream, dashboard) and Hubble's gRPC API."""
     _setup_logging(log_level)
     from api.server import serve
 
-    serve(db_url=db_url, host=host, port=port, log_level=log_level, hubble=_hubble_config(hubble))
+    export = export_config_from_options({k: hubble.pop(k) for k in EXPORT_OPTION_NAMES})  # --export-*
+    serve(db_url=db_url, host=host, port=port, log_level=log_level, hubble=_hubble_config(hubble), export=export)
 
 
 # ------------------------------------------------------------------------------------ agent
@@ -127,10 +130,11 @@ def _agent_config(server: str, interfaces, no_endpoints, state_dir, node_name, u
 @click.option("--policy-audit-mode", is_flag=True,
               help="Global audit mode: report what policies would drop (verdict AUDIT), drop nothing.")
 @click.option("--cleanup", is_flag=True, help="Only remove probe filters left by a killed agent, then exit.")
+@export_options
 @click.option("--log-level", default="info", show_default=True)
 def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_interval, batch_size,
           flush_interval, l7: bool, l7_ports: Optional[str], policy: bool, policy_audit_mode: bool, cleanup: bool,
-          log_level: str) -> None:
+          log_level: str, **export) -> None:
     """Run the node agent: attach the tc probe, build flows, ship them to the server."""
     _setup_logging(log_level)
     from probe.datapath import remove_stale_attachments
@@ -148,6 +152,7 @@ def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_in
     cfg.l7 = l7
     cfg.policy = policy
     cfg.policy_audit_mode = policy_audit_mode
+    cfg.export = export_config_from_options(export)  # --export-* (flow export to a file)
     if l7_ports is not None:
         from probe.l7capture import parse_ports
 
@@ -215,6 +220,12 @@ def _register_optional() -> None:
         from enforcer.cli import policy_group
 
         main.add_command(policy_group, "policy")
+    except ImportError:
+        pass
+    try:
+        from flowscope.alert_cli import alert_group
+
+        main.add_command(alert_group, "alert")
     except ImportError:
         pass
 

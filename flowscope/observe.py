@@ -394,6 +394,477 @@ def build_filters(args: Iterable[tuple[str, Optional[str]]]) -> tuple[list[FlowF
     return allow.flow_filters(), (deny.flow_filters() if deny_used else [])
 
 
+def filter_args_from_names(spec: Any) -> list[tuple[str, Optional[str]]]:
+    """``build_filters`` arguments from a mapping of observe's filter names, as alert rules write them:
+    ``{"verdict": ["DROPPED"], "to_label": ["app=api"], "ipv4": true, "not": {"protocol": "icmpv6"}}``
+    (``_`` or ``-``; a list = alternatives; ``true`` for a flag without value; ``not`` = denylist).
+    Raises ObserveUsageError naming the bad entry."""
+    if not isinstance(spec, dict):
+        raise ObserveUsageError(f"expected a mapping of filter names to values, got {type(spec).__name__}")
+    out: list[tuple[str, Optional[str]]] = []
+    for key, value in spec.items():
+        flag = str(key).replace("_", "-")
+        if flag == "not":
+            for f, v in filter_args_from_names(value):
+                out += [("not", None), (f, v)]
+            continue
+        if flag not in _FILTER_FLAG_NAMES:
+            raise ObserveUsageError(f"unknown filter {key!r} (filters are observe's flags, e.g. verdict, "
+                                    f"from_pod, to_label, to_port, http_status)")
+        takes_value = next(t for f, _, t, _ in FILTER_FLAGS if f == flag)
+        if not takes_value:
+            if value is not True:
+                raise ObserveUsageError(f"filter {key!r} takes no value: write {key}: true")
+            out.append((flag, None))
+            continue
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise ObserveUsageError(f"filter {key!r}: expected text or a number, got {v!r}")
+            out.append((flag, str(v)))
+    return out
+
+
+def build_query(filter_args: Iterable[tuple[str, Optional[str]]], *, since: Optional[str] = None,
+                until: Optional[str] = None, last: int = 0, first: int = 0, all_flows: bool = False,
+                follow: bool = False, allowlist: Iterable[str] = (), denylist: Iterable[str] = (),
+                offline: bool = False) -> FlowQuery:
+    """The FlowQuery ``flowscope observe`` sends for these flags (Hubble's getFlowsRequest rules).
+    With ``offline`` (``--input-file``) no default count applies: all matching lines are shown."""
+    if first and last:
+        raise ObserveUsageError("cannot set both --first and --last")
+    if first and all_flows:
+        raise ObserveUsageError("cannot set both --first and --all")
+    if first and follow and not offline:
+        raise ObserveUsageError("cannot set both --first and --follow")
+    if last and all_flows:
+        raise ObserveUsageError("cannot set both --last and --all")
+    if until and follow and not offline:
+        raise ObserveUsageError("--until cannot be combined with --follow")
+    for name, value in (("since", since), ("until", until)):
+        if value:
+            try:
+                parse_time(value)
+            except TimeParseError as e:
+                raise ObserveUsageError(f"--{name}: {e}") from None
+    whitelist, blacklist = build_filters(filter_args)
+    for flag, raws, target in (("allowlist", allowlist, whitelist), ("denylist", denylist, blacklist)):
+        for raw in raws:
+            try:
+                target.append(msgspec.json.decode(raw.encode(), type=FlowFilter))
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                raise ObserveUsageError(f"invalid --{flag} flag {raw!r}: {e}") from None
+    try:
+        FilterSet(whitelist, blacklist)
+    except FilterError as e:
+        raise ObserveUsageError(f"invalid filter: {e}") from None
+    number = first or last
+    if all_flows:
+        number = ALL_FLOWS
+    elif not number and not since and not until and not first and not follow and not offline:
+        number = DEFAULT_LAST
+    return FlowQuery(whitelist=whitelist, blacklist=blacklist, since=since or None, until=until or None,
+                     number=number, first=bool(first), follow=follow and not offline)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+def _error_message(body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text[:500] or "(empty response)"
+    if isinstance(obj, dict):
+        for key in ("detail", "error", "message"):
+            if key in obj:
+                detail = obj[key]
+                if isinstance(detail, list):
+                    parts = []
+                    for d in detail:
+                        if isinstance(d, dict):
+                            loc = ".".join(str(x) for x in d.get("loc", []))
+                            parts.append(f"{loc}: {d.get('msg', d)}" if loc else str(d.get("msg", d)))
+                        else:
+                            parts.append(str(d))
+                    return "; ".join(parts)
+                return str(detail)
+    return text[:500]
+
+
+def _server_error_in(obj: Any) -> Optional[str]:
+    """An in-band error object from the server (``{"error": "..."}``), if this is one."""
+    if isinstance(obj, dict) and "error" in obj and not any(
+            k in obj for k in ("flow", "lost_events", "node_status")):
+        err = obj["error"]
+        if isinstance(err, dict):
+            detail = err.get("detail") or err.get("message")
+            if detail is not None:
+                status = err.get("status")
+                return f"{status}: {detail}" if status else str(detail)
+        return err if isinstance(err, str) else json.dumps(err)
+    return None
+
+
+class _Sink:
+    """Envelopes -> printer; bad lines are reported on stderr once each and skipped."""
+
+    def __init__(self, printer: Printer, err: TextIO) -> None:
+        self.printer = printer
+        self.err = err
+        self.skipped = 0
+
+    def warn(self, msg: str) -> None:
+        self.skipped += 1
+        self.err.write(f"warning: {msg}\n")
+
+    def line(self, raw: bytes) -> None:
+        raw = raw.strip()
+        if not raw:
+            return
+        try:
+            obj = msgspec.json.decode(raw)
+        except msgspec.DecodeError as e:
+            self.warn(f"skipping a line that is not JSON: {e}")
+            return
+        self.obj(obj, raw)
+
+    def obj(self, obj: Any, raw: Optional[bytes]) -> None:
+        err = _server_error_in(obj)
+        if err is not None:
+            raise ObserveError(f"server error: {err}")
+        try:
+            env = decode_envelope(obj)
+            self.printer.write(env, raw=raw)
+        except (PrinterError, msgspec.ValidationError, ValueError) as e:
+            self.warn(f"skipping an invalid envelope: {e}")
+
+
+def _timeout(seconds: float) -> Any:
+    import httpx
+
+    return httpx.Timeout(connect=seconds, read=None, write=seconds, pool=seconds)
+
+
+def run_query(server: str, query: FlowQuery, sink: _Sink, timeout: float) -> None:
+    """POST the query and print the JSON lines as they arrive."""
+    import httpx
+
+    url = server.rstrip("/") + "/api/v1/flows/query"
+    headers = {"content-type": "application/json", "accept": "application/x-ndjson"}
+    try:
+        with httpx.Client(timeout=_timeout(timeout)) as client:
+            with client.stream("POST", url, content=query_to_json(query), headers=headers) as resp:
+                if resp.status_code >= 400:
+                    body = resp.read()
+                    raise ObserveError(f"server returned {resp.status_code}: {_error_message(body)}")
+                buf = b""
+                for chunk in resp.iter_bytes():
+                    buf += chunk
+                    if b"\n" not in chunk:
+                        continue
+                    lines = buf.split(b"\n")
+                    buf = lines.pop()
+                    for line in lines:
+                        sink.line(line)
+                    sink.printer.flush()
+                if buf.strip():
+                    sink.line(buf)
+    except httpx.ConnectError as e:
+        raise ObserveError(f"cannot connect to {server}: {_reason(e)}") from None
+    except httpx.TimeoutException as e:
+        raise ObserveError(f"timed out talking to {server}: {_reason(e)}") from None
+    except httpx.HTTPError as e:
+        raise ObserveError(f"request to {url} failed: {_reason(e)}") from None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    if not text and e.__cause__ is not None:
+        text = str(e.__cause__)
+    return text or type(e).__name__
+
+
+def stream_url(server: str, query: FlowQuery) -> str:
+    """``ws(s)://host/.../api/v1/flows/stream?<params>`` for a server URL."""
+    parts = urlsplit(server.rstrip("/"))
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None:
+        raise ObserveUsageError(f"invalid --server {server!r}: expected an http:// or https:// URL")
+    path = parts.path + "/api/v1/flows/stream"
+    return urlunsplit((scheme, parts.netloc, path, urlencode(query_to_params(query)), ""))
+
+
+def run_follow(server: str, query: FlowQuery, sink: _Sink, timeout: float) -> None:
+    """Stream from the websocket; every text frame is a JSON array of envelopes."""
+    from websockets.exceptions import ConnectionClosedError, InvalidStatus, InvalidHandshake, InvalidURI
+    from websockets.sync.client import connect
+
+    url = stream_url(server, query)
+    try:
+        with connect(url, open_timeout=timeout, max_size=64 * 2**20, compression=None) as ws:
+            for message in ws:
+                data = message if isinstance(message, bytes) else message.encode()
+                try:
+                    obj = msgspec.json.decode(data)
+                except msgspec.DecodeError as e:
+                    sink.warn(f"skipping a frame that is not JSON: {e}")
+                    continue
+                if isinstance(obj, list):
+                    for item in obj:
+                        sink.obj(item, None)
+                else:
+                    sink.obj(obj, data)
+                sink.printer.flush()
+    except InvalidStatus as e:
+        status = e.response.status_code
+        raise ObserveError(f"server returned {status}: {_error_message(e.response.body or b'')}") from None
+    except ConnectionClosedError as e:
+        rcvd = e.rcvd
+        detail = f" ({rcvd.code} {rcvd.reason})" if rcvd is not None and rcvd.reason else (
+            f" ({rcvd.code})" if rcvd is not None else "")
+        raise ObserveError(f"the server closed the stream{detail}") from None
+    except (InvalidURI, InvalidHandshake) as e:
+        raise ObserveError(f"cannot open {url}: {_reason(e)}") from None
+    except TimeoutError:
+        raise ObserveError(f"timed out connecting to {server}") from None
+    except OSError as e:
+        raise ObserveError(f"cannot connect to {server}: {e.strerror or _reason(e)}") from None
+
+
+def _envelope_time_ns(env: dict[str, Any], flow: Optional[schema.Flow]) -> Optional[int]:
+    t = env.get("time")
+    if not t and flow is not None:
+        t = flow.time
+    if not t:
+        return None
+    try:
+        return schema.parse_timestamp(t)
+    except ValueError:
+        return None
+
+
+def run_input(stream: Iterable[bytes], query: FlowQuery, sink: _Sink) -> None:
+    """Filter Hubble JSON lines locally: time range, filters, then first/last N."""
+    try:
+        resolved = query.resolve()
+    except QueryError as e:
+        raise ObserveUsageError(str(e)) from None
+    match = resolved.filters.match
+    number = query.number
+    keep_last = number if (number and not query.first and number != ALL_FLOWS) else 0
+    tail: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque(maxlen=keep_last or None)
+    printed = 0
+    for lineno, raw in enumerate(stream, 1):
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            env = decode_envelope(raw)
+        except PrinterError as e:
+            sink.warn(f"line {lineno}: {e}")
+            continue
+        flow = None
+        if "flow" in env:
+            try:
+                flow = load_flow_lenient(env["flow"]) if isinstance(env["flow"], dict) else None
+            except (msgspec.ValidationError, ValueError) as e:
+                sink.warn(f"line {lineno}: invalid flow: {e}")
+                continue
+            if flow is None:
+                sink.warn(f"line {lineno}: invalid flow: expected an object")
+                continue
+        elif "lost_events" not in env:
+            continue
+        t = _envelope_time_ns(env, flow)
+        if t is not None and not resolved.in_range(t):
+            continue
+        if flow is not None:
+            if not match(flow):
+                continue
+            env = dict(env, flow=flow)
+        if keep_last:
+            tail.append((env, raw))
+            continue
+        sink.printer.write(env, raw=raw)
+        printed += 1
+        if query.first and number and printed >= number:
+            break
+    for env, raw in tail:
+        sink.printer.write(env, raw=raw)
+
+
+# --------------------------------------------------------------------------------------------
+# The click command
+# --------------------------------------------------------------------------------------------
+
+_ORDER_KEY = "flowscope.observe.filter_args"
+
+
+def _dest(flag: str) -> str:
+    return "filter_" + flag.replace("-", "_")
+
+
+_DEST_TO_FLAG = {_dest(f[0]): f[0] for f in FILTER_FLAGS}
+
+
+class _ObserveCommand(click.Command):
+    """Records filter flags in command-line order (click groups values per option, which would
+    lose where ``--not`` stood), and reports usage errors on one line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            parser = self.make_parser(ctx)
+            opts, _, order = parser.parse_args(args=list(args))
+        except click.UsageError:
+            return super().parse_args(ctx, args)  # reports the same error
+        seen: dict[str, int] = collections.Counter()
+        ordered: list[tuple[str, Optional[str]]] = []
+        for param in order:
+            flag = _DEST_TO_FLAG.get(param.name or "")
+            if flag is None:
+                continue
+            index = seen[param.name]
+            seen[param.name] += 1
+            if param.count:  # type: ignore[attr-defined]
+                ordered.append((flag, None))
+            else:
+                values = opts.get(param.name) or []
+                ordered.append((flag, values[index] if index < len(values) else None))
+        ctx.meta[_ORDER_KEY] = ordered
+        return super().parse_args(ctx, args)
+
+    def make_context(self, info_name: Optional[str], args: list[str], parent: Optional[click.Context] = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            e.ctx = None  # one line: "Error: ..."
+            raise
+
+
+def _filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for flag, short, takes_value, help_text in reversed(FILTER_FLAGS):
+        decls = [f"--{flag}"] + ([f"-{short}"] if short else []) + [_dest(flag)]
+        if takes_value:
+            f = click.option(*decls, multiple=True, metavar="TEXT", help=help_text)(f)
+        else:
+            f = click.option(*decls, count=True, help=help_text)(f)
+    return f
+
+
+def _use_color(choice: str, out: TextIO) -> bool:
+    if choice == "always":
+        return True
+    if choice == "never":
+        return False
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _fail(msg: str, code: int) -> None:
+    click.echo(f"Error: {msg}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+def _lines_of(path: str) -> Iterator[bytes]:
+    if path == "-":
+        yield from sys.stdin.buffer
+        return
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise ObserveUsageError(f"cannot read --input-file {path}: {e.strerror}") from None
+    with fh:
+        yield from fh
+
+
+@click.command("observe", cls=_ObserveCommand, context_settings={"help_option_names": ["-h", "--help"]},
+               epilog="Filters: values of one flag are OR'd, different flags AND'd; --not negates the "
+                      "next filter flag. Example: flowscope observe --namespace shop --not --verdict "
+                      "FORWARDED --since 1h")
+@click.option("--since", metavar="TIME", help="Flows since this time: relative (30s, 5m, 1h30m, 2d) or "
+                                              "absolute (2024-11-27T06:00:00Z, 2024-11-27, unix seconds)")
+@click.option("--until", metavar="TIME", help="Flows until this time (same formats as --since)")
+@click.option("--last", type=click.IntRange(min=0), default=0, help=f"The newest N flows (default {DEFAULT_LAST})")
+@click.option("--first", type=click.IntRange(min=0), default=0, help="The oldest N flows")
+@click.option("--all", "all_flows", is_flag=True, help="All stored flows (use with filters)")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming new flows")
+@click.option("--output", "-o", type=click.Choice(OUTPUT_FORMATS), default="compact", show_default=True,
+              help="Output format")
+@click.option("--server", envvar="FLOWSCOPE_SERVER", default=DEFAULT_SERVER, show_default=True,
+              help="Flowscope server URL (env FLOWSCOPE_SERVER)")
+@click.option("--input-file", metavar="FILE", help="Read Hubble JSON lines from FILE ('-' = stdin) and filter "
+                                                   "them locally instead of asking a server")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds to wait for the server to accept the connection")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Colorize compact and dict output")
+@click.option("--print-node-name", is_flag=True, help="Show the node name of each flow")
+@click.option("--numeric", is_flag=True, help="Show IP addresses instead of pod, service or DNS names")
+@click.option("--time-format", type=click.Choice(TIME_FORMATS), default="StampMilli", show_default=True,
+              help="Timestamp format")
+@click.option("--print-policy-names", is_flag=True, help="Show the policies that allowed or denied a flow")
+@click.option("--print-raw-filters", is_flag=True, help="Print the query that would be sent (JSON) and exit")
+@click.option("--allowlist", multiple=True, metavar="JSON", help="An allowlist FlowFilter as JSON (repeatable)")
+@click.option("--denylist", multiple=True, metavar="JSON", help="A denylist FlowFilter as JSON (repeatable)")
+@_filter_options
+@click.pass_context
+def observe_command(ctx: click.Context, since: Optional[str], until: Optional[str], last: int, first: int,
+                    all_flows: bool, follow: bool, output: str, server: str, input_file: Optional[str],
+                    timeout: float, color: str, print_node_name: bool, numeric: bool, time_format: str,
+                    print_policy_names: bool, print_raw_filters: bool, allowlist: tuple[str, ...],
+                    denylist: tuple[str, ...], **_filters: Any) -> None:
+    """Observe flows of a Flowscope server (or of a file of Hubble JSON lines), like hubble observe."""
+    filter_args = ctx.meta.get(_ORDER_KEY, [])
+    offline = input_file is not None
+    try:
+        if output == "table" and follow and not offline:
+            raise ObserveUsageError("table output format is not compatible with follow mode")
+        query = build_query(filter_args, since=since, until=until, last=last, first=first,
+                            all_flows=all_flows, follow=follow, allowlist=allowlist, denylist=denylist,
+                            offline=offline)
+    except ObserveUsageError as e:
+        _fail(str(e), 2)
+        return
+    if print_raw_filters:
+        click.echo(query_to_json(query).decode())
+        return
+
+    out = sys.stdout
+    printer = Printer(output, out=out, err=sys.stderr, color=_use_color(color, out),
+                      node_name=print_node_name, ip_translation=not numeric,
+                      policy_names=print_policy_names, time_format=time_format)
+    sink = _Sink(printer, sys.stderr)
+    try:
+        if offline:
+            run_input(_lines_of(input_file or "-"), query, sink)
+        elif query.follow:
+            run_follow(server, query, sink, timeout)
+        else:
+            run_query(server, query, sink, timeout)
+        printer.close()
+    except KeyboardInterrupt:
+        _quiet_close(printer)
+        raise click.exceptions.Exit(0)
+    except BrokenPipeError:
+        _silence_stdout()
+        raise click.exceptions.Exit(0)
+    except ObserveUsageError as e:
+        _quiet_close(printer)
+        _fail(str(e), 2)
+    except ObserveError as e:
+        _quiet_close(printer)
+        _fail(str(e), 1)
+
+
 def build_query(filter_args: Iterable[tuple[str, Optional[str]]], *, since: Optional[str] = None,
                 until: Optional[str] = None, last: int = 0, first: int = 0, all_flows: bool = False,
                 follow: bool = False, allowlist: Iterable[str] = (), denylist: Iterable[str] = (),

@@ -53,6 +53,7 @@ class AgentConfig:
     policy: bool = True                                    # network policy enforcement (enforcer.sync)
     policy_audit_mode: bool = False                        # global audit: report would-be drops, drop nothing
     cni_service: bool = True                               # serve the CNI plugin's fast path (cni.sock)
+    export: Optional[object] = None                        # flowscope.export.ExportConfig: flows to a file
 
 
 class FlowSource(Protocol):
@@ -318,6 +319,10 @@ def build_agent(cfg: AgentConfig, shipper: Optional[Shipper] = None) -> "Agent":
 
         sources.append(build_policy_sync(cfg))
     agent = Agent(cfg, shipper=shipper, sources=sources)
+    if cfg.export is not None:  # Hubble-style flow export to a file (issue 7)
+        from flowscope.export import attach_to_agent
+
+        attach_to_agent(agent, cfg.export)
     if cfg.follow_endpoints and cfg.cni_service:
         agent.services.append(_CNIServiceHandle(cfg.state_dir))
     return agent
