@@ -123,8 +123,8 @@ def backup_name(path: str, t: Optional[float] = None) -> str:
     """``dir/flows-2024-11-27T06-10-01.123.json`` for ``dir/flows.json`` (lumberjack's naming, UTC)."""
     t = time.time() if t is None else t
     stem, ext = os.path.splitext(path)
-    ms = int((t % 1) * 1000)
-    return f"{stem}-{time.strftime('%Y-%m-%dT%H-%M-%S', time.gmtime(t))}.{ms:03d}{ext}"
+    secs, ms = divmod(round(t * 1000), 1000)
+    return f"{stem}-{time.strftime('%Y-%m-%dT%H-%M-%S', time.gmtime(secs))}.{ms:03d}{ext}"
 
 
 class FlowExporter:
@@ -209,7 +209,7 @@ class FlowExporter:
                 self._size += size
                 self._fh.flush()
                 self.stats.bytes += sum(len(x) + 1 for x in lines)
-            except OSError as e:
+            except (OSError, ValueError) as e:  # ValueError: the file object was closed under us
                 self.stats.errors += 1
                 self.stats.last_error = str(e)
                 if self.stats.errors % 100 == 1:
