@@ -28,7 +28,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from enforcer.policy import KIND_CCNP, PolicyError, PolicyValidationError, load_policies
+from enforcer.policy import PolicyError, PolicyValidationError, load_policies
 from enforcer.store import PolicyStore
 
 CLUSTER_NAMESPACE = "_cluster"  # path segment for cluster-wide policies (never a valid namespace)
@@ -200,8 +200,3 @@ def create_policy_router(store: PolicyStore, *, max_body_bytes: int = MAX_BODY_B
 
     return router
 
-
-def path_of(namespace: str, name: str, kind: str = "") -> str:
-    """The URL path of one policy."""
-    seg = CLUSTER_NAMESPACE if (not namespace or kind == KIND_CCNP) else namespace
-    return f"/api/v1/policies/{seg}/{name}"

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from api.db import Base
 
-from .policy import KIND_CCNP, KIND_CNP, Policy, policy_from_object
+from .policy import Policy, policy_from_object
 
 ACTION_APPLY = "apply"
 ACTION_DELETE = "delete"
@@ -240,6 +240,3 @@ class PolicyStore:
         conn.execute(delete(t).where(t.c.namespace == namespace, t.c.name == name))
         return rev, _stored(row)
 
-
-def kind_of_namespace(namespace: str) -> str:
-    return KIND_CNP if namespace else KIND_CCNP

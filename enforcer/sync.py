@@ -336,6 +336,9 @@ class PolicySync:
             try:
                 snap: Optional[PolicySnapshot] = self.client.poll(etag, wait=self.cfg.long_poll_s)
                 backoff = 0.0
+                if any(k.startswith("fetch:") for k in self._warned):
+                    log.info("the policy server answers again")
+                    self._warned = {k for k in self._warned if not k.startswith("fetch:")}
             except PolicyAPIError as e:
                 if self._stop.is_set():
                     return
@@ -344,10 +347,11 @@ class PolicySync:
                     backoff = self.cfg.retry_max_s
                 else:
                     backoff = min(self.cfg.retry_max_s, max(0.5, backoff * 2))
-                    self._warn_once(f"fetch:{e}", f"policy fetch failed: {e}; retrying (last known policies stay in force)")
+                    self._warn_once(f"fetch:{e.status}",
+                                    f"policy fetch failed: {e}; retrying (last known policies stay in force)")
                 self._stop.wait(backoff)
                 continue
-            except Exception as e:  # noqa: BLE001 - the thread must survive anything
+            except Exception:  # noqa: BLE001 - the thread must survive anything
                 log.exception("policy fetch failed")
                 self._stop.wait(min(self.cfg.retry_max_s, 1.0))
                 continue

@@ -117,7 +117,7 @@ class Env:
         ep = self.eps[name]
         return ep.ipv6 if v6 else ep.ipv4
 
-    def probe(self, src: Optional[str], *targets: str, timeout: float = 0.5) -> dict:
+    def probe(self, src: Optional[str], *targets: str, timeout: float = 0.8) -> dict:
         cmd = [sys.executable, TRAFFIC, "probe", "--timeout", str(timeout), *targets]
         if src is None:  # from the host
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
@@ -482,6 +482,7 @@ def test_live_update_keeps_open_connections(fresh):
     srv = env.ip("server")
     hold = env.eps["client"].popen([sys.executable, TRAFFIC, "hold", srv, "8080"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, text=True)
+    env.lab.procs.append(hold)  # killed by the lab whatever happens
     try:
         assert hold.stdout.readline().startswith("connected")
 

@@ -23,6 +23,9 @@
 // type are stored in the flow entry and reported with its events. Denied packets create no entry (a
 // flood of them cannot evict tracked connections), are dropped (TC_ACT_SHOT) and every one of them is
 // reported as an EV_DROP event (no aggregation). Audit verdicts pass and are stored as AUDIT.
+// IPv6 neighbour discovery and MLD are never subject to policy. Known gaps (as Cilium without its
+// "related" CT and fragment tracking): ICMP errors about a tracked connection and non-first IP
+// fragments are looked up as flows of their own (ICMP type as the port; fragments with port 0).
 //
 // Only UAPI headers are used: the build headers may not match the running kernel.
 
