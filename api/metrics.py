@@ -149,6 +149,8 @@ class FlowMetrics:
         """Committed ``api.store.PreparedBatch``es."""
         with self._lock:
             for b in batches:
+                if getattr(b, "duplicate", False):  # a retried batch stored before: counted then
+                    continue
                 self._flows(b.flows)
                 for (_t, _node, source, num, _cpu) in b.lost_rows:
                     self.lost.inc((source,), float(num))

@@ -194,12 +194,14 @@ class FlowExporter:
                     self._open()
                 chunk: list[bytes] = []
                 size = 0
+                written = 0
                 for line in lines:
                     n = len(line) + 1
                     if self._size + size + n > self._max and (self._size + size) > 0:
                         if chunk:
                             self._fh.write(b"\n".join(chunk) + b"\n")
                             self._size += size
+                            written += size
                             chunk, size = [], 0
                         self._fh.flush()
                         self._rotate()
@@ -208,7 +210,7 @@ class FlowExporter:
                 self._fh.write(b"\n".join(chunk) + b"\n")
                 self._size += size
                 self._fh.flush()
-                self.stats.bytes += sum(len(x) + 1 for x in lines)
+                self.stats.bytes += written + size
             except (OSError, ValueError) as e:  # ValueError: the file object was closed under us
                 self.stats.errors += 1
                 self.stats.last_error = str(e)
