@@ -79,6 +79,12 @@ class Settings:
     alert_eval_interval_s: float = 1.0
     export: Optional[Any] = None
     hubble: Optional[Any] = None  # api.hubble.config.HubbleConfig: serve Hubble's gRPC API too (None: no)
+    # Reliability and security (issue 8, api/auth.py, api/retention.py): API tokens required (serve() turns
+    # this on beyond loopback), requests/s per token (None: per-role defaults, 0: unlimited), retention
+    # (an api.retention.RetentionPolicy; None: no retention; `flowscope server` passes its defaults).
+    auth_required: bool = False
+    rate_limit: Optional[float] = None
+    retention: Optional[Any] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,8 +108,9 @@ class LostEventsEnvelope(msgspec.Struct):
     time: str = ""
 
 
-class IngestResult(msgspec.Struct):
+class IngestResult(msgspec.Struct, omit_defaults=True):
     accepted: int
+    duplicate: bool = False  # this batch id was stored before (a retry): nothing new was stored
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -213,11 +220,16 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     # the 5 ms switch interval), which measured slower. Larger bodies go to one decoding thread so the
     # loop never stalls for long.
     decoder_pool = ThreadPoolExecutor(1, thread_name_prefix="flowscope-decode")
+    from .retention import Retention  # background deletion by age and size (issue 8)
+
+    retention = Retention(engine, settings.retention, store.note_deleted) if settings.retention else None
     templates = Jinja2Templates(directory=os.path.join(WEB_DIR, "templates"))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(writer.start)
+        if retention is not None:
+            retention.start()
         hubble = None
         try:
             if settings.hubble is not None:  # Hubble's gRPC API on this loop (issue 9)
@@ -229,6 +241,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         finally:
             if hubble is not None:
                 await hubble.stop()
+            if retention is not None:
+                await run_in_threadpool(retention.stop)
             await run_in_threadpool(writer.close)
             decoder_pool.shutdown(wait=False)
             engine.dispose()
@@ -301,7 +315,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                 n = await asyncio.wrap_future(fut)
             except Exception as e:  # noqa: BLE001 - the database failed: the agent keeps and retries
                 return _error(503, f"storing the batch failed: {type(e).__name__}: {e}")
-        return Response(b'{"accepted":%d}' % n, media_type="application/json")
+        dup = b',"duplicate":true' if batch.duplicate else b""  # a retried batch id: stored once, earlier
+        return Response(b'{"accepted":%d%s}' % (n, dup), media_type="application/json")
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -423,6 +438,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         st["ingest"] = {"pending_batches": writer.pending, "transactions": writer.transactions,
                         "writer": "process" if use_process else "thread"}
         st["version"] = API_VERSION
+        if retention is not None:
+            st["retention"] = retention.status()
         return st
 
     @app.get("/api/v1/nodes", tags=["server"], summary="Nodes that sent flows")
@@ -460,4 +477,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
+    from .auth import install_auth  # tokens, roles, rate limits on every route (issue 8)
+
+    install_auth(app, engine, required=settings.auth_required, rate_limit=settings.rate_limit)
     return app

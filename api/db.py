@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from sqlalchemy import BigInteger, Boolean, Engine, Index, Integer, LargeBinary, SmallInteger, String, create_engine, event
+from sqlalchemy import BigInteger, Boolean, Engine, Float, Index, Integer, LargeBinary, SmallInteger, String, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -102,7 +102,39 @@ class NodeRow(Base):
     agent_version: Mapped[str] = mapped_column(String(64), nullable=False, default="")
 
 
+class IngestBatchRow(Base):
+    """An applied ingest batch (idempotent ingest, issue 8): recorded in the same transaction as its flows,
+    so a retried batch id is answered from here instead of being stored twice."""
+
+    __tablename__ = "ingest_batches"
+
+    batch_id: Mapped[str] = mapped_column(String(400), primary_key=True)  # node/boot-id/sequence
+    node_name: Mapped[str] = mapped_column(String(253), nullable=False, default="")
+    first_id: Mapped[int] = mapped_column(BigInteger, nullable=False)  # id of its first flow (0: none)
+    flows: Mapped[int] = mapped_column(Integer, nullable=False)
+    received_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+    __table_args__ = (Index("ix_ingest_batches_received_ns", "received_ns"),)
+
+
+class ApiTokenRow(Base):
+    """An API token (api.auth): only the SHA-256 of the secret is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)  # agent, viewer, admin
+    token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    rate_limit: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # requests/s; NULL: role default
+    created_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    last_used_ns: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+    revoked_ns: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
+
+
 flows_table = FlowRow.__table__
+ingest_batches_table = IngestBatchRow.__table__
+api_tokens_table = ApiTokenRow.__table__
 lost_events_table = LostEventRow.__table__
 nodes_table = NodeRow.__table__
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Annotated, Optional, Union
 
 import msgspec
 
@@ -18,6 +18,9 @@ class IngestBatch(msgspec.Struct, forbid_unknown_fields=True):
     lost_events: list[schema.LostEvent] = []
     node_name: str = ""
     agent_version: str = ""
+    # The agent's id of this batch (node name/boot id/sequence): a batch id already applied is not stored
+    # again (idempotent retries); '' = no id, always stored.
+    batch_id: Annotated[str, msgspec.Meta(max_length=400)] = ""
 
 
 _decoder = msgspec.json.Decoder(Union[IngestBatch, list[schema.Flow]])
@@ -46,4 +49,4 @@ def decode_ingest(body: bytes, *, now_ns: Optional[int] = None) -> PreparedBatch
     if isinstance(obj, list):
         return prepare_batch(obj, now_ns=now_ns)
     return prepare_batch(obj.flows, obj.lost_events, node_name=obj.node_name, agent_version=obj.agent_version,
-                         now_ns=now_ns)
+                         now_ns=now_ns, batch_id=obj.batch_id)

@@ -33,7 +33,18 @@ def build_app(db_url: Optional[str] = None, **settings: Any) -> FastAPI:
 
 def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",
           **settings: Any) -> None:
-    """Apply migrations, then serve the API with uvicorn until interrupted."""
+    """Apply migrations, then serve the API with uvicorn until interrupted.
+
+    API tokens are required when ``host`` is not a loopback address (``auth_required=True`` requires them
+    on loopback too; ``False`` beyond loopback is refused)."""
+    from .auth import is_loopback_host, log_startup_hint
+
+    auth = settings.pop("auth_required", None)
+    if auth is None:
+        auth = not is_loopback_host(host)
+    elif not auth and not is_loopback_host(host):
+        raise SystemExit(f"refusing to serve on {host} without authentication: API tokens are required "
+                         "beyond loopback (flowscope token create)")
     url = resolve_url(db_url)
     engine = make_engine(url)
     try:
@@ -42,7 +53,8 @@ def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 808
                  migrate.current_revision(engine))
     finally:
         engine.dispose()
-    app = create_app(Settings(db_url=url, migrate=False, **settings))
+    app = create_app(Settings(db_url=url, migrate=False, auth_required=auth, **settings))
+    log_startup_hint(app.state.auth, engine.url.render_as_string(hide_password=True))
     tune_gc()
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                 ws_ping_interval=20, ws_ping_timeout=20)

@@ -93,11 +93,11 @@ def child_main(db_url: str) -> int:  # pragma: no cover - runs in the child (pyt
                 msg = _recv(inp)
             except EOFError:
                 return 0
-            batches = [PreparedBatch([], rows, lost, dict(nodes), received)
-                       for rows, lost, nodes, received in _dec.decode(msg)]
+            batches = [PreparedBatch([], rows, lost, dict(nodes), received, batch_id=bid)
+                       for rows, lost, nodes, received, bid in _dec.decode(msg)]
             try:
                 n, last_id = store.write_batches(batches)
-                reply: Any = ["ok", n, last_id, [b.first_id for b in batches]]
+                reply: Any = ["ok", n, last_id, [b.first_id for b in batches], [b.duplicate for b in batches]]
             except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the requests
                 reply = ["err", f"{type(e).__name__}: {e}"]
             try:
@@ -153,7 +153,7 @@ class WriterProcess:
             self.start()
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        msg = _enc.encode([[b.rows, b.lost_rows, list(b.nodes.items()), b.received_ns] for b in batches])
+        msg = _enc.encode([[b.rows, b.lost_rows, list(b.nodes.items()), b.received_ns, b.batch_id] for b in batches])
         try:
             _send(proc.stdin, msg)
             reply = _dec.decode(_recv(proc.stdout))
@@ -163,9 +163,12 @@ class WriterProcess:
             raise WriterDied(f"the writer process died (exit code {code}); the batch may not be stored") from e
         if reply[0] != "ok":
             raise WriterError(reply[1])
-        _, n, last_id, first_ids = reply
-        for b, first in zip(batches, first_ids):
-            b.first_id = first
+        _, n, last_id, first_ids, duplicates = reply
+        for b, first, dup in zip(batches, first_ids, duplicates):
+            if dup:
+                b.mark_duplicate(first)
+            else:
+                b.first_id = first
         return n, last_id
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -286,6 +289,10 @@ class BatchWriter:
         try:
             n, last_id = self._child.write(batches)
         except WriterDied:
+            if all(b.batch_id for b in batches):
+                n, last_id = self._recover_by_batch_id(batches)
+                self.store.note_inserted(n, last_id)
+                return
             # Did the transaction commit before the child died? It is the only writer, so the newest id
             # tells: unchanged -> nothing stored, write again (on a new child); advanced by exactly this
             # batch -> stored, only the answer was lost.
@@ -304,6 +311,25 @@ class BatchWriter:
             else:
                 raise
         self.store.note_inserted(n, last_id)
+
+    def _recover_by_batch_id(self, batches: Sequence[PreparedBatch]) -> tuple[int, int]:
+        """After the writer process died mid-transaction: the batch ids recorded with the flows tell
+        whether it committed (all recorded: answer from the record) or not (none: write again)."""
+        assert self._child is not None
+        applied = self.store.applied_batches([b.batch_id for b in batches])
+        if not applied:
+            log.warning("the writer process died before committing; writing again")
+            return self._child.write(batches)
+        if len(applied) < len({b.batch_id for b in batches}):
+            raise WriterError("the writer process died; the batches are partly recorded (retry them)")
+        log.warning("the writer process died after committing %d batches", len(batches))
+        n = last = 0
+        for b in batches:
+            first, count = applied[b.batch_id]
+            b.first_id = first
+            n += count
+            last = max(last, first + count - 1 if count else 0)
+        return n, last
 
     def _write(self, group: list[tuple[PreparedBatch, "Future[int]"]]) -> None:
         batches = [b for b, _ in group]

@@ -15,6 +15,8 @@ import click
 
 from api.hubble.config import hubble_options
 from flowscope.export import EXPORT_OPTION_NAMES, export_config_from_options, export_options
+from flowscope.token_cli import (AGENT_OPTION_NAMES, SERVER_OPTION_NAMES, agent_security_options,
+                                 apply_agent_security, server_security_options, server_security_settings)
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
@@ -80,6 +82,7 @@ def _hubble_config(options: dict):
 @_server_options
 @hubble_options
 @export_options
+@server_security_options
 @click.option("--log-level", default="info", show_default=True)
 def server(db_url: Optional[str], host: str, port: int, log_level: str, **hubble) -> None:
     """Run the API server (ingest, queries, live stream, dashboard) and Hubble's gRPC API."""
@@ -87,7 +90,9 @@ def server(db_url: Optional[str], host: str, port: int, log_level: str, **hubble
     from api.server import serve
 
     export = export_config_from_options({k: hubble.pop(k) for k in EXPORT_OPTION_NAMES})  # --export-*
-    serve(db_url=db_url, host=host, port=port, log_level=log_level, hubble=_hubble_config(hubble), export=export)
+    security = server_security_settings({k: hubble.pop(k) for k in SERVER_OPTION_NAMES})  # --auth, --retention-*
+    serve(db_url=db_url, host=host, port=port, log_level=log_level, hubble=_hubble_config(hubble), export=export,
+          **security)
 
 
 # ------------------------------------------------------------------------------------ agent
@@ -131,6 +136,7 @@ def _agent_config(server: str, interfaces, no_endpoints, state_dir, node_name, u
               help="Global audit mode: report what policies would drop (verdict AUDIT), drop nothing.")
 @click.option("--cleanup", is_flag=True, help="Only remove probe filters left by a killed agent, then exit.")
 @export_options
+@agent_security_options
 @click.option("--log-level", default="info", show_default=True)
 def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_interval, batch_size,
           flush_interval, l7: bool, l7_ports: Optional[str], policy: bool, policy_audit_mode: bool, cleanup: bool,
@@ -152,6 +158,7 @@ def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_in
     cfg.l7 = l7
     cfg.policy = policy
     cfg.policy_audit_mode = policy_audit_mode
+    apply_agent_security(cfg, {k: export.pop(k) for k in AGENT_OPTION_NAMES})  # --token, --spool-*
     cfg.export = export_config_from_options(export)  # --export-* (flow export to a file)
     if l7_ports is not None:
         from probe.l7capture import parse_ports
@@ -226,6 +233,12 @@ def _register_optional() -> None:
         from flowscope.alert_cli import alert_group
 
         main.add_command(alert_group, "alert")
+    except ImportError:
+        pass
+    try:
+        from flowscope.token_cli import token_group
+
+        main.add_command(token_group, "token")
     except ImportError:
         pass
 

@@ -25,7 +25,7 @@ from flowscope import schema
 from flowscope.endpoints import EndpointIndex, EndpointRecord, EndpointStore
 from probe import events as ev
 from probe.datapath import Datapath, host_addresses, interface_names, match_interfaces
-from probe.shipper import Shipper
+from probe.shipper import Shipper, default_spool_dir
 
 log = logging.getLogger("flowscope.agent")
 
@@ -48,6 +48,8 @@ class AgentConfig:
     flow_entries: int = 65536
     max_queue: int = 200_000
     token: Optional[str] = None
+    spool_dir: Optional[str] = None                        # None: probe.shipper.default_spool_dir; '': none
+    spool_max_bytes: int = 1 << 30                         # on-disk spool bound while the server is down
     l7: bool = True                                        # L7 capture (probe.l7capture), see run_agent
     l7_ports: Optional[list[int]] = None                   # None: probe.l7capture.DEFAULT_L7_PORTS
     policy: bool = True                                    # network policy enforcement (enforcer.sync)
@@ -90,7 +92,8 @@ class Agent:
         self.store = EndpointStore(cfg.state_dir)
         self.shipper = shipper if shipper is not None else Shipper(
             cfg.server, cfg.node_name, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
-            max_queue=cfg.max_queue, token=cfg.token)
+            max_queue=cfg.max_queue, token=cfg.token, spool_max_bytes=cfg.spool_max_bytes,
+            spool_dir=default_spool_dir(cfg.server, cfg.node_name) if cfg.spool_dir is None else cfg.spool_dir)
         self.on_flows = on_flows
         self.stats = AgentStats()
         self.stop_event = threading.Event()

@@ -1,28 +1,48 @@
-"""Ship flows from the agent to the server in batches, with retry, and account for every loss.
+"""Ship flows from the agent to the server in batches, in order, with retry, and account for every loss.
 
-Flows go into a bounded in-memory queue; a thread sends them as ``POST /api/v1/flows`` batches
-(by count or time, whichever comes first). When the server is slow or down the batch is retried
-with exponential backoff and jitter while the queue keeps filling; when the queue is full, new
-flows are dropped and counted, and the count is sent as a LostEvent (``OBSERVER_EVENTS_QUEUE``)
-with the next batch that gets through. Nothing is lost silently.
+Flows go into a bounded in-memory queue; a thread cuts them into ``POST /api/v1/flows`` batches (by count
+or time, whichever comes first). Every batch carries a batch id, ``<node>/<boot id>/<sequence>``, and the
+server stores a batch id once (it records applied ids in the same transaction as the flows and answers
+only after the commit), so a batch can be sent again whenever its answer is uncertain.
+
+While the server answers, batches go straight from memory. When a send fails (server down, 5xx, 429,
+timeout, or a refused token — the data is kept, not dropped), that batch and then everything queued
+after it go to the on-disk :class:`probe.spool.Spool` (when one is configured) and are delivered oldest
+first, with exponential backoff and jitter between attempts, before anything new is sent. So flows reach
+the server in the order they were produced, also across an agent restart (the spool survives it).
+
+Loss happens only when there is no room left: the spool refuses a batch when full, the flows then wait in
+memory, and when the memory queue is full too, new flows are dropped and counted; the count is sent as a
+LostEvent (``OBSERVER_EVENTS_QUEUE``) with the next batch. A batch the server rejects as invalid (4xx
+other than 401/403/408/429) cannot succeed by retrying and is counted the same way. Nothing is lost
+silently. Without a spool the shipper keeps one failed batch plus the memory queue.
 """
 
 from __future__ import annotations
 
 import collections
+import email.utils
+import hashlib
 import logging
+import os
 import random
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import httpx
 import msgspec
 
 from flowscope import schema
+from probe.spool import Spool, SpoolError
 
 log = logging.getLogger("flowscope.shipper")
+
+DEFAULT_SPOOL_ROOT = "/var/lib/flowscope/spool"
+DEFAULT_SPOOL_BYTES = 1 << 30
+_LOST_QUEUE = schema.LostEventSource.OBSERVER_EVENTS_QUEUE.value
 
 
 @dataclass
@@ -34,28 +54,91 @@ class ShipperStats:
     lost_queue_full: int = 0
     last_error: str = ""
     lost_by_source: dict[str, int] = field(default_factory=dict)
+    spooled_batches: int = 0  # batches written to the spool (server slow or down)
+    duplicates: int = 0  # batches the server had already stored (an earlier answer was lost)
+    rejected: int = 0  # batches the server refused as invalid (their flows are counted as lost)
+
+
+class _Counted(msgspec.Struct):
+    flows: list[msgspec.Raw] = []
+
+
+_count_decoder = msgspec.json.Decoder(_Counted)
+_answer_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def _flows_in(body: bytes) -> int:
+    try:
+        return len(_count_decoder.decode(body).flows)
+    except msgspec.DecodeError:
+        return 0
+
+
+def default_spool_dir(server: str, node_name: str, root: str = DEFAULT_SPOOL_ROOT) -> str:
+    """``<root>/<hash of server URL and node name>``: an agent restarted with the same server and node name
+    finds its spool; one pointed at another server does not deliver this one's batches there."""
+    key = hashlib.sha256(f"{server.rstrip('/')}\n{node_name}".encode()).hexdigest()[:16]
+    return os.path.join(root, key)
+
+
+def _retry_after(r: httpx.Response) -> float:
+    value = r.headers.get("retry-after", "")
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError):
+            return 0.0
+        return max(0.0, when - time.time())
+
+
+class _Retry(Exception):
+    def __init__(self, message: str, delay: float = 0.0) -> None:
+        super().__init__(message)
+        self.delay = delay
 
 
 class Shipper:
+    """``put(flows)`` from the agent loop; a thread delivers. ``spool_dir``: where batches wait when the
+    server is slow or down (None: memory only)."""
+
     def __init__(self, server: str, node_name: str, batch_size: int = 1000, flush_interval: float = 0.2,
-                 max_queue: int = 200_000, timeout: float = 10.0, token: Optional[str] = None):
+                 max_queue: int = 200_000, timeout: float = 10.0, token: Optional[str] = None, *,
+                 spool_dir: Optional[str] = None, spool_max_bytes: int = DEFAULT_SPOOL_BYTES,
+                 spool_fsync: str = "interval", spool: Optional[Spool] = None, boot_id: Optional[str] = None,
+                 max_backoff: float = 5.0):
         self.url = server.rstrip("/") + "/api/v1/flows"
         self.node_name = node_name
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.max_queue = max_queue
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self.boot_id = boot_id or secrets.token_hex(6)
+        self._seq = 0
         headers = {"content-type": "application/json", "user-agent": "flowscope-agent"}
         if token:
             headers["authorization"] = f"Bearer {token}"
         self.client = httpx.Client(timeout=timeout, headers=headers)
         self.stats = ShipperStats()
+        self.spool = spool
+        if spool is None and spool_dir:
+            try:
+                self.spool = Spool(spool_dir, max_bytes=spool_max_bytes, fsync=spool_fsync)
+            except (SpoolError, OSError) as e:
+                log.warning("no on-disk spool (%s): batches wait in memory only while the server is down", e)
         self._q: collections.deque[schema.Flow] = collections.deque()
         self._lost: list[dict] = []        # LostEvents waiting to be sent
+        self._held: Optional[bytes] = None  # without a spool: the one failed batch being retried
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._encoder = msgspec.json.Encoder()
         self._thread = threading.Thread(target=self._run, name="flowscope-shipper", daemon=True)
+        self._closed = False
 
     # ---------------------------------------------------------------- producer side
 
@@ -75,7 +158,7 @@ class Shipper:
                 self._q.extend(flows[:accepted])
                 dropped = len(flows) - accepted
                 self.stats.lost_queue_full += dropped
-                self._add_lost_locked(schema.LostEventSource.OBSERVER_EVENTS_QUEUE.value, dropped, None)
+                self._add_lost_locked(_LOST_QUEUE, dropped, None)
             self.stats.queued += accepted
             if len(self._q) >= self.batch_size:
                 self._wake.set()
@@ -100,37 +183,147 @@ class Shipper:
         self._lost.append(ev)
 
     def pending(self) -> int:
+        """Flows waiting in memory."""
         with self._lock:
             return len(self._q)
 
-    # ---------------------------------------------------------------- sender thread
+    def backlog_bytes(self) -> int:
+        """Bytes of encoded batches waiting for the server (spool and the held batch)."""
+        held = len(self._held) if self._held is not None else 0
+        return held + (self.spool.pending_bytes if self.spool is not None else 0)
 
-    def _take_batch(self) -> tuple[list[schema.Flow], list[dict]]:
+    def idle(self) -> bool:
+        """Nothing waits anywhere: memory queue, lost events, held batch, spool."""
         with self._lock:
-            n = min(self.batch_size, len(self._q))
-            batch = [self._q.popleft() for _ in range(n)]
-            lost, self._lost = self._lost, []
+            if self._q or self._lost:
+                return False
+        return self.backlog_bytes() == 0
+
+    # ---------------------------------------------------------------- batches
+
+    def _take_locked(self) -> tuple[list[schema.Flow], list[dict]]:
+        n = min(self.batch_size, len(self._q))
+        batch = [self._q.popleft() for _ in range(n)]
+        lost, self._lost = self._lost, []
         return batch, lost
 
-    def _giveback(self, batch: list[schema.Flow], lost: list[dict]) -> None:
-        with self._lock:
-            self._q.extendleft(reversed(batch))
-            for ev in lost:  # already counted when first reported
-                self._add_lost_locked(ev["source"], int(ev["num_events_lost"]), ev.get("cpu"), count=False)
+    def _giveback_locked(self, batch: list[schema.Flow], lost: list[dict]) -> None:
+        self._q.extendleft(reversed(batch))
+        for ev in lost:  # already counted when first reported
+            self._add_lost_locked(ev["source"], int(ev["num_events_lost"]), ev.get("cpu"), count=False)
 
-    def _send(self, batch: list[schema.Flow], lost: list[dict]) -> None:
-        body = self._encoder.encode({"node_name": self.node_name, "flows": batch, "lost_events": lost})
-        r = self.client.post(self.url, content=body)
-        if r.status_code >= 300:
-            detail = r.text[:300]
-            if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
-                # The server rejected the content: retrying the same bytes cannot succeed. Count it.
-                log.error("server rejected a batch of %d flows (%d): %s", len(batch), r.status_code, detail)
-                self.report_lost(schema.LostEventSource.OBSERVER_EVENTS_QUEUE.value, len(batch))
+    def _encode(self, batch: list[schema.Flow], lost: list[dict]) -> bytes:
+        self._seq += 1
+        return self._encoder.encode({"node_name": self.node_name,
+                                     "batch_id": f"{self.node_name}/{self.boot_id}/{self._seq}",
+                                     "flows": batch, "lost_events": lost})
+
+    def _next_body(self) -> tuple[Optional[bytes], int]:
+        """The next batch from memory, encoded, and its number of flows (None when nothing waits)."""
+        with self._lock:
+            if not self._q and not self._lost:
+                return None, 0
+            batch, lost = self._take_locked()
+        return self._encode(batch, lost), len(batch)
+
+    def _spill(self, partial: bool) -> None:
+        """Move what is in memory to the spool, in order, while it has room: full batches, and with
+        ``partial`` the rest too."""
+        assert self.spool is not None
+        while True:
+            with self._lock:
+                if len(self._q) < self.batch_size and not (partial and (self._q or self._lost)):
+                    return
+                batch, lost = self._take_locked()
+            seq = self._seq
+            body = self._encode(batch, lost)
+            if not self.spool.append(body):
+                self._seq = seq  # never sent: the id is free again
+                with self._lock:
+                    self._giveback_locked(batch, lost)
                 return
-            raise httpx.HTTPStatusError(f"{r.status_code}: {detail}", request=r.request, response=r)
-        self.stats.shipped += len(batch)
-        self.stats.batches += 1
+            self.stats.spooled_batches += 1
+
+    def _backlog_head(self) -> Optional[bytes]:
+        if self._held is not None:
+            return self._held
+        return self.spool.peek() if self.spool is not None else None
+
+    def _backlog_pop(self) -> None:
+        if self._held is not None:
+            self._held = None
+        elif self.spool is not None:
+            self.spool.pop()
+
+    def _keep(self, body: bytes) -> None:
+        """A batch that failed: it goes first into the backlog."""
+        if self.spool is not None and not self.spool and self.spool.append(body):
+            self.stats.spooled_batches += 1
+            return
+        if self.spool is not None and self.spool:  # cannot happen: a failed direct send means an empty spool
+            log.error("spool not empty while sending directly; holding the batch in memory")
+        self._held = body
+
+    # ---------------------------------------------------------------- sending
+
+    def _post(self, body: bytes) -> None:
+        """Deliver one batch; raises :class:`_Retry` when it must be sent again later."""
+        try:
+            r = self.client.post(self.url, content=body)
+        except httpx.HTTPError as e:
+            raise _Retry(f"{type(e).__name__}: {e}") from None
+        if r.status_code < 300:
+            try:
+                answer = _answer_decoder.decode(r.content)
+            except msgspec.DecodeError:
+                answer = {}
+            accepted = answer.get("accepted")
+            self.stats.shipped += accepted if isinstance(accepted, int) else _flows_in(body)
+            self.stats.batches += 1
+            if answer.get("duplicate"):
+                self.stats.duplicates += 1
+            return
+        detail = r.text[:300]
+        if r.status_code in (401, 403):
+            # Keep the data: the operator fixes the token, then everything is delivered.
+            raise _Retry(f"the server refused the agent's token ({r.status_code}): {detail}", 5.0)
+        if r.status_code in (408, 429) or r.status_code >= 500:
+            raise _Retry(f"{r.status_code}: {detail}", _retry_after(r))
+        # The server rejected the content: the same bytes can never succeed. Count the flows as lost.
+        n = _flows_in(body)
+        log.error("server rejected a batch of %d flows (%d): %s", n, r.status_code, detail)
+        self.stats.rejected += 1
+        self.report_lost(_LOST_QUEUE, n)
+
+    def _drain_backlog(self) -> None:
+        """Deliver the backlog oldest first, moving full batches from memory behind it (a partial batch
+        waits in memory and goes directly once the backlog is delivered)."""
+        while True:
+            if self.spool is not None:
+                self._spill(partial=False)
+            body = self._backlog_head()
+            if body is None:
+                return
+            self._post(body)
+            self._backlog_pop()
+
+    def _cycle(self, final: bool) -> None:
+        """One round: the backlog first, then memory (full batches; partial ones too when due)."""
+        if self._backlog_head() is not None:
+            self._drain_backlog()
+        while True:  # called on the flush timer, on a full batch, or when stopping
+            body, n = self._next_body()
+            if body is None:
+                return
+            try:
+                self._post(body)
+            except _Retry:
+                self._keep(body)
+                if self.spool is not None:
+                    self._spill(partial=True)
+                raise
+            if n < self.batch_size and not final:
+                return
 
     def _run(self) -> None:
         backoff = 0.0
@@ -141,39 +334,59 @@ class Shipper:
                 self._wake.wait(self.flush_interval)
             self._wake.clear()
             stopping = self._stop.is_set()
-            while True:
-                batch, lost = self._take_batch()
-                if not batch and not lost:
-                    break
-                try:
-                    self._send(batch, lost)
-                    backoff = 0.0
-                except Exception as e:
-                    self.stats.failures += 1
-                    self.stats.last_error = str(e)
-                    self._giveback(batch, lost)
-                    backoff = min(5.0, max(0.2, backoff * 2)) * (0.8 + 0.4 * random.random())
-                    if self.stats.failures % 10 == 1:
-                        log.warning("shipping to %s failed (%s); retrying in %.1fs with %d flows queued",
-                                    self.url, e, backoff, self.pending())
-                    break
-                if len(batch) < self.batch_size and not stopping:
-                    break
+            try:
+                self._cycle(final=stopping)
+                backoff = 0.0
+            except _Retry as e:
+                self.stats.failures += 1
+                self.stats.last_error = str(e)
+                backoff = min(self.max_backoff, max(0.2, backoff * 2)) * (0.8 + 0.4 * random.random())
+                backoff = min(30.0, max(backoff, e.delay))
+                if self.stats.failures % 10 == 1:
+                    log.warning("shipping to %s failed (%s); retrying in %.1fs with %d flows in memory and %d "
+                                "bytes waiting", self.url, e, backoff, self.pending(), self.backlog_bytes())
+                if stopping:
+                    return
+            except Exception as e:  # noqa: BLE001 - a bug or a disk error must not kill the sender
+                self.stats.failures += 1
+                self.stats.last_error = f"{type(e).__name__}: {e}"
+                log.exception("shipper round failed")
+                backoff = 1.0
+                if stopping:
+                    return
+            if self.spool is not None:
+                self.spool.sync(force=False)
             if stopping:
                 return
 
     def close(self, deadline_s: float = 5.0) -> None:
-        """Flush what is queued (until the deadline), then stop. What could not be sent is reported."""
+        """Deliver what waits (until the deadline), then stop. What is left goes to the spool, where the
+        next agent on this node delivers it; without a spool it is counted as lost."""
+        if self._closed:
+            return
+        self._closed = True
         end = time.monotonic() + deadline_s
-        while self.pending() and time.monotonic() < end and self._thread.is_alive():
+        while not self.idle() and time.monotonic() < end and self._thread.is_alive():
             self._wake.set()
             time.sleep(0.05)
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=max(0.1, end - time.monotonic()) + 1)
-        left = self.pending()
-        if left:
-            log.error("%d flows could not be delivered before shutdown", left)
-            self.stats.lost_queue_full += left
+            self._thread.join(timeout=max(0.1, end - time.monotonic()) + self.timeout + 1)
+        if self.spool is not None:
+            if not self._thread.is_alive():
+                self._spill(partial=True)
+            left = self.pending()
+            if left:
+                log.error("%d flows could not be delivered or spooled before shutdown (spool full)", left)
+                self.stats.lost_queue_full += left
+            if self.spool:
+                log.warning("%d bytes of batches stay in the spool %s for the next agent",
+                            self.spool.pending_bytes, self.spool.directory)
+            self.spool.close()
+        else:
+            left = self.pending() + (_flows_in(self._held) if self._held is not None else 0)
+            if left:
+                log.error("%d flows could not be delivered before shutdown", left)
+                self.stats.lost_queue_full += left
         self.client.close()

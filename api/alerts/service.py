@@ -88,14 +88,7 @@ class AlertService:
         if self._started:
             return
         self._started = True
-        now = self.clock()
-        for doc in self.store.rules():
-            try:
-                rule = parse_rule(doc)
-            except RuleError as e:  # stored by an older version with other rules: keep the server up
-                log.error("stored alert rule ignored: %s", e)
-                continue
-            self._install(rule, now, restore=True)
+        self.load()
         if self._client is None:
             self._client = httpx.Client(follow_redirects=False)
         self._stop.clear()
@@ -104,6 +97,17 @@ class AlertService:
         for t in self._threads:
             t.start()
         log.info("alerts: %d rule(s) loaded", len(self._entries))
+
+    def load(self) -> None:
+        """Install the stored rules with their persisted alert states (what ``start`` does first)."""
+        now = self.clock()
+        for doc in self.store.rules():
+            try:
+                rule = parse_rule(doc)
+            except RuleError as e:  # stored by an older version with other rules: keep the server up
+                log.error("stored alert rule ignored: %s", e)
+                continue
+            self._install(rule, now, restore=True)
 
     def stop(self) -> None:
         if not self._started:
@@ -194,7 +198,7 @@ class AlertService:
             entry = self._entries.pop(name, None)
             if entry is not None:
                 notes = self._outbox_notes(entry.rule, entry.ev.resolve_all(self.clock()))
-                self.store.save_state(name, [], [], [], notes)
+                self.store.save_state(name, [], [], [], notes, now_ns=self.clock())
         found = self.store.delete_rule(name)
         self._wake_delivery.set()
         return found or entry is not None
@@ -243,12 +247,17 @@ class AlertService:
         queued = 0
         with self._lock:
             for e in list(self._entries.values()):
-                if not e.rule.enabled:
-                    continue
-                notes = e.ev.evaluate(now)
+                if not e.rule.enabled:  # disabled: what was firing is resolved once, then nothing
+                    if not e.ev.groups:
+                        continue
+                    notes = e.ev.resolve_all(now)
+                    e.ev.dirty.update(e.ev.groups)
+                    e.ev.groups.clear()
+                else:
+                    notes = e.ev.evaluate(now)
                 upsert, remove, edges = e.ev.take_dirty()
                 queued += self.store.save_state(e.rule.name, upsert, remove, edges,
-                                                self._outbox_notes(e.rule, notes))
+                                                self._outbox_notes(e.rule, notes), now_ns=now)
         if queued:
             self._wake_delivery.set()
         return queued
@@ -319,7 +328,7 @@ class AlertService:
             nxt = None if a.ok or give_up else now + int(
                 delivery.backoff_s(it.attempts + 1, float(it.webhook.get("max_backoff_s", 300))) * 1e9)
             self.store.record_attempt(it, ok=a.ok, status_code=a.status_code, error=a.error,
-                                      duration_ms=a.duration_ms, next_attempt_ns=nxt, give_up=give_up)
+                                      duration_ms=a.duration_ms, next_attempt_ns=nxt, give_up=give_up, now_ns=now)
             if a.ok:
                 self.deliveries_ok += 1
             else:

@@ -190,12 +190,12 @@ class AlertStore:
                 select(edges_t.c.edge, edges_t.c.first_seen_ns).where(edges_t.c.rule == rule))]
 
     def save_state(self, rule: str, upsert: list[dict[str, Any]], remove: list[str],
-                   new_edges: list[tuple[str, int]], notes: list[dict[str, Any]]) -> int:
+                   new_edges: list[tuple[str, int]], notes: list[dict[str, Any]], now_ns: Optional[int] = None) -> int:
         """One transaction: group states, new edges, and notifications queued for delivery (the outbox
         commits with the state change that caused it). Returns the number of notifications queued."""
         if not (upsert or remove or new_edges or notes):
             return 0
-        now = time.time_ns()
+        now = time.time_ns() if now_ns is None else now_ns
         queued = 0
         with self._write() as conn, conn.begin():
             keys = [r["group_key"] for r in upsert] + remove
@@ -253,8 +253,9 @@ class AlertStore:
                                 .where(outbox_t.c.status == PENDING)).scalar()
 
     def record_attempt(self, item: OutboxItem, *, ok: bool, status_code: Optional[int], error: str,
-                       duration_ms: float, next_attempt_ns: Optional[int], give_up: bool) -> None:
-        now = time.time_ns()
+                       duration_ms: float, next_attempt_ns: Optional[int], give_up: bool,
+                       now_ns: Optional[int] = None) -> None:
+        now = time.time_ns() if now_ns is None else now_ns
         attempt_no = item.attempts + 1
         status = DELIVERED if ok else (FAILED if give_up else PENDING)
         with self._write() as conn, conn.begin():
