@@ -129,8 +129,9 @@ def expire_event(key: bytes, val: bytes, rev_val: Optional[bytes], now_mono_ns: 
     reason = 0
     if verdict == VERDICT_AUDIT:
         reason = DROP_POLICY_DENY if pflags & PF_REASON_DENY else DROP_POLICY_DENIED
-    return RawEvent(saddr, daddr, sport, dport, ifindex, family, proto, dir_, last, first, pk, by, rpk, rby,
-                    rfirst, 0, fseen, EV_EXPIRE, reply, it, ic, verdict, reason, mt, pflags, pid, peer)
+    # last_ns comes from the kernel's coarse clock, which may lag first_ns (precise) by up to a jiffy.
+    return RawEvent(saddr, daddr, sport, dport, ifindex, family, proto, dir_, max(last, first), first, pk, by,
+                    rpk, rby, rfirst, 0, fseen, EV_EXPIRE, reply, it, ic, verdict, reason, mt, pflags, pid, peer)
 
 
 def _addr(family: int, raw: bytes) -> str:

@@ -505,13 +505,17 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
     }
 
 account:;
-    __u64 now = bpf_ktime_get_ns();
+    // The fast path (an established flow, no event) needs time only for idleness and the periodic
+    // update: the coarse clock (jiffy resolution) is ~15 ns cheaper. Events and new flows take the
+    // precise clock.
+    __u64 now = bpf_ktime_get_coarse_ns();
     __u32 len = skb->len;
     key.ifindex = skb->ifindex;
     key.dir = dir;
 
     struct flow_val *v = flows.lookup(&key);
     if (!v) {
+        now = bpf_ktime_get_ns();
         struct flow_val nv = {};
         nv.first_ns = now;
         nv.last_ns = now;
@@ -600,12 +604,13 @@ account:;
     if (fresh) {
         v->flags_seen |= fresh;
         v->report_ns = now;
-        emit(&key, v, (fresh & 0x05) ? EV_CLOSE : EV_FLAGS, tcp_flags, now, len);
+        emit(&key, v, (fresh & 0x05) ? EV_CLOSE : EV_FLAGS, tcp_flags, bpf_ktime_get_ns(), len);
         return TC_ACT_OK;
     }
-    if (now - v->report_ns >= UPDATE_NS) {
+    // Signed: report_ns may come from the precise clock, which runs up to a jiffy ahead of the coarse one.
+    if ((__s64)(now - v->report_ns) >= (__s64)UPDATE_NS) {
         v->report_ns = now;
-        emit(&key, v, EV_UPDATE, tcp_flags, now, len);
+        emit(&key, v, EV_UPDATE, tcp_flags, bpf_ktime_get_ns(), len);
     }
     return TC_ACT_OK;
 }
