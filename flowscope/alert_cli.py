@@ -44,9 +44,12 @@ def _read(path: str) -> bytes:
 def _call(ctx: click.Context, method: str, path: str, body: Optional[bytes] = None,
           params: Optional[dict[str, Any]] = None) -> Any:
     server = ctx.obj["server"].rstrip("/")
+    headers = {"content-type": "application/yaml"} if body is not None else {}
+    if ctx.obj.get("token"):
+        headers["authorization"] = f"Bearer {ctx.obj['token']}"
     try:
         r = httpx.request(method, server + path, content=body, params=params, timeout=ctx.obj["timeout"],
-                          headers={"content-type": "application/yaml"} if body is not None else None)
+                          headers=headers)
     except httpx.HTTPError as e:
         raise _Fail(f"cannot reach {server}: {e}") from None
     if r.status_code >= 400:
@@ -62,10 +65,12 @@ def _call(ctx: click.Context, method: str, path: str, body: Optional[bytes] = No
 @click.option("--server", envvar="FLOWSCOPE_SERVER", default=DEFAULT_SERVER, show_default=True,
               help="Flowscope server URL (or $FLOWSCOPE_SERVER).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help="Seconds per request.")
+@click.option("--token", envvar="FLOWSCOPE_TOKEN", default=None,
+              help="API token ($FLOWSCOPE_TOKEN); needed when the server requires tokens (admin role to change rules).")
 @click.pass_context
-def alert_group(ctx: click.Context, server: str, timeout: float) -> None:
+def alert_group(ctx: click.Context, server: str, timeout: float, token: Optional[str]) -> None:
     """Alert rules: a flow filter, a condition over a window, a webhook."""
-    ctx.obj = {"server": server, "timeout": timeout}
+    ctx.obj = {"server": server, "timeout": timeout, "token": token}
 
 
 @alert_group.command("apply")
