@@ -222,14 +222,15 @@ class Agent:
             first, last, _rep, _pk, _by, fseen, *_ = ev.VAL.unpack(val)
             proto = key[41]
             idle = (now - last) / 1e9
+            rev = entries.get(ev.reverse_key(key))
             if proto == ev.IPPROTO_TCP:
-                closed = bool(fseen & (ev.TCP_FIN | ev.TCP_RST))
+                rev_fseen = ev.VAL.unpack(rev)[5] if rev is not None else None
+                closed = ev.tcp_closed(fseen, rev_fseen)
                 if not ((closed and idle >= cfg.closed_timeout) or idle >= cfg.tcp_idle_timeout):
                     continue
             elif idle < cfg.idle_timeout:
                 continue
             expired_keys.append(key)
-            rev = entries.get(ev.reverse_key(key))
             flows.append(self._builder.build(ev.expire_event(key, val, rev, now)))
         if expired_keys:
             self.dp.delete_flows(expired_keys)

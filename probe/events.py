@@ -113,6 +113,18 @@ def unpack_val(val: bytes) -> tuple:
     return VAL.unpack(val)
 
 
+def tcp_closed(flags_seen: int, rev_flags_seen: Optional[int]) -> bool:
+    """Is a TCP connection over, judging by the flags seen in this direction and the reverse one
+    (None when the reverse direction has no entry)? RST either way, or FIN both ways (or FIN here
+    with no reverse direction left)."""
+    rev = rev_flags_seen or 0
+    if (flags_seen | rev) & TCP_RST:
+        return True
+    if flags_seen & TCP_FIN:
+        return rev_flags_seen is None or bool(rev & TCP_FIN)
+    return False  # at most half-closed: this direction may still send
+
+
 def reverse_key(key: bytes) -> bytes:
     saddr, daddr, sport, dport, ifindex, family, proto, dir_, pad = KEY.unpack(key)
     return KEY.pack(daddr, saddr, dport, sport, ifindex, family, proto,

@@ -184,3 +184,14 @@ def test_expired_entry_keeps_its_policy_state():
     f = policy_builder().build(e)
     assert f.verdict == schema.Verdict.AUDIT and f.flowscope.event == "expire"
     assert [p.name for p in f.egress_denied_by] == ["deny-db"] and f.event_type.type == 4
+
+
+def test_tcp_closed_needs_rst_or_fin_both_ways():
+    FIN, RST, ACK = ev.TCP_FIN, ev.TCP_RST, 0x10
+    assert ev.tcp_closed(ACK | FIN, ACK | FIN)
+    assert ev.tcp_closed(ACK, ACK | RST)             # reset by the peer (e.g. iperf3's data connection)
+    assert ev.tcp_closed(ACK | RST, None)
+    assert ev.tcp_closed(ACK | FIN, None)            # nothing left of the reverse direction
+    assert not ev.tcp_closed(ACK | FIN, ACK)          # half-closed: the peer may still send
+    assert not ev.tcp_closed(ACK, ACK | FIN)
+    assert not ev.tcp_closed(ACK, None)
