@@ -98,76 +98,94 @@ def server(db_url: Optional[str], host: str, port: int, log_level: str, **hubble
 # ------------------------------------------------------------------------------------ agent
 
 def _agent_options(f):
-    f = click.option("--interface", "-i", "interfaces", multiple=True,
-                     help="Interface to observe (repeatable; globs like 'veth*' allowed).")(f)
-    f = click.option("--no-endpoints", is_flag=True,
-                     help="Do not attach to the endpoints registered by the CNI plugin.")(f)
-    f = click.option("--state-dir", envvar="FLOWSCOPE_STATE_DIR", default=None,
-                     help="Node state directory (endpoint registry), default /var/run/flowscope.")(f)
-    f = click.option("--node-name", default=socket.gethostname, show_default="hostname")(f)
-    f = click.option("--update-interval", default=5.0, show_default=True, type=float,
-                     help="Seconds between periodic updates of long flows.")(f)
-    f = click.option("--batch-size", default=1000, show_default=True, type=int)(f)
-    f = click.option("--flush-interval", default=0.2, show_default=True, type=float,
-                     help="Max seconds a flow waits before it is shipped.")(f)
+    """Every option of the node agent (shared by `agent` and `up`)."""
+    opts = [
+        click.option("--interface", "-i", "interfaces", multiple=True,
+                     help="Interface to observe (repeatable; globs like 'veth*' allowed)."),
+        click.option("--no-endpoints", is_flag=True,
+                     help="Do not attach to the endpoints registered by the CNI plugin."),
+        click.option("--state-dir", envvar="FLOWSCOPE_STATE_DIR", default=None,
+                     help="Node state directory (endpoint registry), default /var/run/flowscope."),
+        click.option("--node-name", default=socket.gethostname, show_default="hostname"),
+        click.option("--update-interval", default=5.0, show_default=True, type=float,
+                     help="Seconds between periodic updates of long flows."),
+        click.option("--monitor-aggregation-flags", "report_tcp_flags", default="all", show_default=True,
+                     help="TCP flags whose first sighting in a direction produces a flow record, e.g. "
+                          "'syn,fin,rst' (fewer records per connection on churn-heavy nodes)."),
+        click.option("--batch-size", default=1000, show_default=True, type=int),
+        click.option("--flush-interval", default=0.2, show_default=True, type=float,
+                     help="Max seconds a flow waits before it is shipped."),
+        click.option("--l7/--no-l7", "l7", default=True, show_default=True,
+                     help="L7 visibility (HTTP, gRPC, Kafka, DNS) through socket filters on the observed interfaces."),
+        click.option("--l7-ports", default=None, metavar="PORTS",
+                     help="Comma list of ports always under L7 visibility (default 53,80,3000,5000,8000,8080,"
+                          "8081,9092,50051); other ports are sniffed for a known protocol."),
+        click.option("--policy/--no-policy", "policy", default=True, show_default=True,
+                     help="Enforce the server's network policies (CiliumNetworkPolicy) on the endpoints."),
+        click.option("--policy-audit-mode", is_flag=True,
+                     help="Global audit mode: report what policies would drop (verdict AUDIT), drop nothing."),
+        export_options,
+        agent_security_options,
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
     return f
 
 
-def _agent_config(server: str, interfaces, no_endpoints, state_dir, node_name, update_interval,
-                  batch_size, flush_interval):
-    from probe.agent import AgentConfig
+AGENT_CONFIG_KEYS = ("interfaces", "no_endpoints", "state_dir", "node_name", "update_interval", "report_tcp_flags",
+                     "batch_size", "flush_interval", "l7", "l7_ports", "policy", "policy_audit_mode")
 
-    return AgentConfig(server=server, interfaces=list(interfaces), follow_endpoints=not no_endpoints,
-                       state_dir=state_dir, node_name=node_name, update_interval=update_interval,
-                       batch_size=batch_size, flush_interval=flush_interval)
+
+def _pop_agent_options(kw: dict) -> dict:
+    """Take the agent's options out of a command's keyword arguments."""
+    names = set(AGENT_CONFIG_KEYS) | set(EXPORT_OPTION_NAMES) | set(AGENT_OPTION_NAMES)
+    return {k: kw.pop(k) for k in list(kw) if k in names}
+
+
+def _agent_config(server: str, opts: dict):
+    from probe.agent import AgentConfig
+    from probe.datapath import parse_tcp_flag_mask
+
+    if not opts["interfaces"] and opts["no_endpoints"]:
+        raise click.UsageError("nothing to observe: give --interface, or allow endpoints")
+    try:
+        parse_tcp_flag_mask(opts["report_tcp_flags"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--monitor-aggregation-flags") from None
+    cfg = AgentConfig(server=server, interfaces=list(opts["interfaces"]), follow_endpoints=not opts["no_endpoints"],
+                      state_dir=opts["state_dir"], node_name=opts["node_name"],
+                      update_interval=opts["update_interval"], report_tcp_flags=opts["report_tcp_flags"],
+                      batch_size=opts["batch_size"], flush_interval=opts["flush_interval"], l7=opts["l7"],
+                      policy=opts["policy"], policy_audit_mode=opts["policy_audit_mode"])
+    if opts["l7_ports"] is not None:
+        from probe.l7capture import parse_ports
+
+        try:
+            cfg.l7_ports = list(parse_ports(opts["l7_ports"]))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--l7-ports") from None
+    apply_agent_security(cfg, {k: opts[k] for k in AGENT_OPTION_NAMES})  # --token, --spool-*
+    cfg.export = export_config_from_options({k: opts[k] for k in EXPORT_OPTION_NAMES})  # --export-*
+    return cfg
 
 
 @main.command()
 @server_option
 @_agent_options
-@click.option("--l7/--no-l7", "l7", default=True, show_default=True,
-              help="L7 visibility (HTTP, gRPC, Kafka, DNS) through socket filters on the observed interfaces.")
-@click.option("--l7-ports", default=None, metavar="PORTS",
-              help="Comma list of ports always under L7 visibility (default 53,80,3000,5000,8000,8080,8081,"
-                   "9092,50051); other ports are sniffed for a known protocol.")
-@click.option("--policy/--no-policy", "policy", default=True, show_default=True,
-              help="Enforce the server's network policies (CiliumNetworkPolicy) on the endpoints.")
-@click.option("--policy-audit-mode", is_flag=True,
-              help="Global audit mode: report what policies would drop (verdict AUDIT), drop nothing.")
 @click.option("--cleanup", is_flag=True, help="Only remove probe filters left by a killed agent, then exit.")
-@export_options
-@agent_security_options
 @click.option("--log-level", default="info", show_default=True)
-def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_interval, batch_size,
-          flush_interval, l7: bool, l7_ports: Optional[str], policy: bool, policy_audit_mode: bool, cleanup: bool,
-          log_level: str, **export) -> None:
+def agent(server: str, cleanup: bool, log_level: str, **kw) -> None:
     """Run the node agent: attach the tc probe, build flows, ship them to the server."""
     _setup_logging(log_level)
-    from probe.datapath import remove_stale_attachments
-
     if cleanup:
+        from probe.datapath import remove_stale_attachments
+
         removed = remove_stale_attachments()
         click.echo(f"removed probe filters from {len(removed)} interface(s)")
         return
-    if not interfaces and no_endpoints:
-        raise click.UsageError("nothing to observe: give --interface, or allow endpoints")
     from probe.agent import run_agent
 
-    cfg = _agent_config(server, interfaces, no_endpoints, state_dir, node_name, update_interval,
-                        batch_size, flush_interval)
-    cfg.l7 = l7
-    cfg.policy = policy
-    cfg.policy_audit_mode = policy_audit_mode
-    apply_agent_security(cfg, {k: export.pop(k) for k in AGENT_OPTION_NAMES})  # --token, --spool-*
-    cfg.export = export_config_from_options(export)  # --export-* (flow export to a file)
-    if l7_ports is not None:
-        from probe.l7capture import parse_ports
-
-        try:
-            cfg.l7_ports = list(parse_ports(l7_ports))
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--l7-ports") from None
-    raise SystemExit(run_agent(cfg))
+    raise SystemExit(run_agent(_agent_config(server, _pop_agent_options(kw))))
 
 
 # ------------------------------------------------------------------------------------ up
@@ -177,20 +195,20 @@ def agent(server: str, interfaces, no_endpoints, state_dir, node_name, update_in
 @_agent_options
 @hubble_options
 @click.option("--log-level", default="info", show_default=True)
-def up(db_url, host, port, interfaces, no_endpoints, state_dir, node_name, update_interval, batch_size,
-       flush_interval, log_level, **hubble) -> None:
-    """Run the server and the agent together (the server in a child process)."""
+def up(db_url, host, port, log_level, **kw) -> None:
+    """Run the server and the agent together (the server in a child process); takes the options of both."""
     _setup_logging(log_level)
     from api.hubble.config import DISABLED_ARGS, config_from_options
     from flowscope.platform import Platform
 
-    hubble_cfg = config_from_options(**hubble)
-    if state_dir:  # the server reads the endpoint registry too (Hubble agent events)
-        os.environ["FLOWSCOPE_STATE_DIR"] = state_dir
+    agent_opts = _pop_agent_options(kw)
+    cfg = _agent_config("", agent_opts)  # validate the agent's options before starting anything
+    hubble_cfg = config_from_options(**kw)
+    if agent_opts["state_dir"]:  # the server reads the endpoint registry too (Hubble agent events)
+        os.environ["FLOWSCOPE_STATE_DIR"] = agent_opts["state_dir"]
     with Platform(db_url=db_url, host=host, port=port, log_level=log_level,
                   server_args=hubble_cfg.cli_args() if hubble_cfg else DISABLED_ARGS) as plat:
-        cfg = _agent_config(plat.url, interfaces, no_endpoints, state_dir, node_name, update_interval,
-                            batch_size, flush_interval)
+        cfg.server = plat.url
         click.echo(f"Flowscope is up: {plat.url}  (Ctrl-C to stop)", err=True)
         plat.run_agent(cfg)
 

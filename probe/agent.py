@@ -41,6 +41,7 @@ class AgentConfig:
     flush_interval: float = 0.2
     drain_ms: int = 50
     update_interval: float = 5.0
+    report_tcp_flags: str = "all"                          # TCP flags whose first sighting makes an event
     sweep_interval: float = 2.0
     tcp_idle_timeout: float = 300.0
     idle_timeout: float = 60.0
@@ -110,7 +111,10 @@ class Agent:
 
     def start(self) -> None:
         cfg = self.cfg
-        self.dp = Datapath(update_interval_s=cfg.update_interval, flow_entries=cfg.flow_entries)
+        from probe.datapath import parse_tcp_flag_mask
+
+        self.dp = Datapath(update_interval_s=cfg.update_interval, flow_entries=cfg.flow_entries,
+                           report_flags=parse_tcp_flag_mask(cfg.report_tcp_flags))
         self.dp.open_events(self._on_raw)
         self._lost_seen = self.dp.read_stats()
         self._builder = ev.FlowBuilder(cfg.node_name, EndpointIndex(), {},

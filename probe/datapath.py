@@ -32,6 +32,23 @@ class DatapathError(RuntimeError):
     pass
 
 
+def parse_tcp_flag_mask(text: str) -> int:
+    """``all`` or a comma list of TCP flag names (``syn,fin,rst``) -> bit mask (NS = bit 8)."""
+    from flowscope.schema import TCP_FLAG_BITS
+
+    text = text.strip().lower()
+    if text in ("all", ""):
+        return 0x1FF
+    mask = 0
+    for name in text.split(","):
+        bit = TCP_FLAG_BITS.get(name.strip().upper())
+        if bit is None:
+            raise ValueError(f"unknown TCP flag {name.strip()!r} (use all or a list of: "
+                             f"{', '.join(n.lower() for n in TCP_FLAG_BITS)})")
+        mask |= bit
+    return mask
+
+
 def ensure_kernel_fs() -> None:
     """Mount bpffs and tracefs if absent (idempotent)."""
     for target, fstype in (("/sys/fs/bpf", "bpf"), ("/sys/kernel/tracing", "tracefs")):
@@ -61,7 +78,7 @@ class Datapath:
     """The loaded tc program and its maps."""
 
     def __init__(self, update_interval_s: float = 5.0, flow_entries: int = 65536,
-                 ringbuf_pages: int = 1024):
+                 ringbuf_pages: int = 1024, report_flags: int = 0x1FF):
         if os.geteuid() != 0:
             raise DatapathError("loading BPF programs needs root (CAP_BPF and CAP_NET_ADMIN)")
         ensure_kernel_fs()
@@ -71,6 +88,7 @@ class Datapath:
             f"-DUPDATE_NS={int(update_interval_s * 1e9)}ULL",
             f"-DFLOW_ENTRIES={int(flow_entries)}",
             f"-DRINGBUF_PAGES={int(ringbuf_pages)}",
+            f"-DREPORT_FLAGS={int(report_flags) & 0x1FF:#x}",
             "-Wno-unused-label",
         ]
         try:

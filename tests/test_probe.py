@@ -147,8 +147,12 @@ def test_icmp_udp_and_ipv6(probe_env):
     t = srv.popen([sys.executable, "-m", "http.server", "8081", "--bind", "::"], stdout=subprocess.DEVNULL,
                   stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
-        out = client.exec("sh -c 'echo ping | socat -T1 - UDP:%s:5353'" % srv.ipv4).stdout
+        out = ""
+        for _ in range(30):  # until the UDP responder is listening
+            out = client.exec("sh -c 'echo ping | socat -T1 - UDP:%s:5353'" % srv.ipv4, check=False).stdout
+            if "pong" in out:
+                break
+            time.sleep(0.1)
         assert "pong" in out
         for _ in range(30):
             if client.exec(["curl", "-s", "-o", "/dev/null", f"http://[{srv.ipv6}]:8081/"], check=False).returncode == 0:
@@ -295,3 +299,29 @@ def test_layouts_match_the_loaded_program_and_no_policy_means_no_verdicts(probe_
         *_, verdict, match_type, pflags, policy_id, peer = ev.unpack_val(val)
         assert (verdict, match_type, pflags, policy_id, peer) == (0, 0, 0, 0, 0)
     assert sum(agent.dp.read_stats()[ev.STAT_POLICY_DROP]) == 0
+
+
+def test_monitor_aggregation_flags_limit_records(lab, tmp_path):
+    """With syn,fin,rst only, ACK/PSH first sightings make no record; SYN, SYN-ACK and FIN still do."""
+    from probe.agent import Agent, AgentConfig
+
+    client, srv = lab.add("client"), lab.add("server")
+    sink = ListSink()
+    agent = Agent(AgentConfig(interfaces=[client.host_if], follow_endpoints=False, state_dir=str(tmp_path),
+                              report_tcp_flags="syn,fin,rst", drain_ms=20), shipper=sink)
+    agent.start()
+    p = srv.popen([sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if client.exec(["curl", "-s", "-o", "/dev/null", f"http://{srv.ipv4}:8080/"], check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        pump(agent, 0.3)
+    finally:
+        p.terminate()
+        p.wait(5)
+        agent.close()
+    events = {f.flowscope.event for f in tcp_records(sink.flows, dport=8080)}
+    assert events and events <= {"new", "close"}, events
+    assert "close" in events

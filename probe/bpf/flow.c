@@ -40,6 +40,11 @@
 #include <uapi/linux/icmp.h>
 #include <uapi/linux/icmpv6.h>
 
+// TCP flags whose first sighting in a direction produces an event (Cilium's monitor-aggregation-flags;
+// default all). Flags outside the mask are still recorded in flags_seen.
+#ifndef REPORT_FLAGS
+#define REPORT_FLAGS 0x1ff
+#endif
 #ifndef UPDATE_NS
 #define UPDATE_NS 5000000000ULL
 #endif
@@ -603,6 +608,8 @@ account:;
     __u16 fresh = tcp_flags & ~v->flags_seen;
     if (fresh) {
         v->flags_seen |= fresh;
+    }
+    if (fresh & REPORT_FLAGS) {
         v->report_ns = now;
         emit(&key, v, (fresh & 0x05) ? EV_CLOSE : EV_FLAGS, tcp_flags, bpf_ktime_get_ns(), len);
         return TC_ACT_OK;
