@@ -260,6 +260,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     from .policies import create_policy_router
 
     app.include_router(create_policy_router(PolicyStore(engine)))
+    from .dashboard import mount as mount_dashboard  # the web dashboard's API (issue 6)
+
+    mount_dashboard(app)
     from .alerts_routes import install as install_alerts  # alerts, /metrics, flow export (issue 7)
 
     install_alerts(app, settings=settings, engine=engine, store=store, hub=hub, writer=writer)

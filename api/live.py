@@ -10,6 +10,7 @@ at most once per interval and sends it as one frame, with a ``lost_events`` enve
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from typing import Callable, Iterable, Optional, Sequence
@@ -17,6 +18,8 @@ from typing import Callable, Iterable, Optional, Sequence
 from flowscope import schema
 
 from .store import PreparedBatch, format_time
+
+log = logging.getLogger(__name__)
 
 Matcher = Optional[Callable[[schema.Flow], bool]]
 
@@ -93,6 +96,12 @@ class LiveHub:
         self._subs: list[Subscriber] = []
         self._drops = 0
         self.published = 0
+        self._taps: list[Callable[[list[PreparedBatch]], None]] = []
+
+    def add_tap(self, fn: Callable[[list[PreparedBatch]], None]) -> None:
+        """Also hand every committed batch list to ``fn`` (in the writer thread: ``fn`` must be quick and
+        must not block, e.g. put the batches on a bounded queue; its exceptions are logged, never raised)."""
+        self._taps.append(fn)
 
     def subscribe(self, match: Matcher, *, max_queue: int, last_id: Callable[[], int],
                   loop: Optional[asyncio.AbstractEventLoop] = None) -> Subscriber:
@@ -124,6 +133,13 @@ class LiveHub:
     def publish(self, batches: Iterable[PreparedBatch]) -> None:
         """Deliver committed batches: each subscriber gets the flows that match its filter (and whose ids
         it has not had as history) plus the batches' lost events, unfiltered."""
+        if self._taps:
+            batches = list(batches)
+            for tap in self._taps:
+                try:
+                    tap(batches)
+                except Exception:  # noqa: BLE001 - a tap never stops live delivery
+                    log.exception("live tap failed")
         with self._lock:
             subs = [s for s in self._subs if not s.closed]
             if not subs:

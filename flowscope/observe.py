@@ -865,6 +865,22 @@ def observe_command(ctx: click.Context, since: Optional[str], until: Optional[st
         _fail(str(e), 1)
 
 
+def query_from_argv(argv: list[str]) -> FlowQuery:
+    """The FlowQuery of ``flowscope observe ARGV``, parsed by the command itself (the dashboard's filter
+    bar): ``["--to-pod", "default/api", "--verdict", "DROPPED", "--since", "1h"]``. Output and connection
+    options are accepted and ignored. Pure; raises ObserveUsageError with the CLI's message."""
+    if any(a in ("-h", "--help") for a in argv):
+        raise ObserveUsageError("--help is not a filter")
+    try:
+        with observe_command.make_context("flowscope observe", list(argv)) as ctx:
+            p = ctx.params
+            return build_query(ctx.meta.get(_ORDER_KEY, []), since=p["since"], until=p["until"], last=p["last"],
+                               first=p["first"], all_flows=p["all_flows"], follow=p["follow"],
+                               allowlist=p["allowlist"], denylist=p["denylist"])
+    except click.UsageError as e:
+        raise ObserveUsageError(e.format_message()) from None
+
+
 def _quiet_close(printer: Printer) -> None:
     try:
         printer.close()

@@ -164,9 +164,9 @@ def test_healthz_docs_openapi_and_page(client):
     assert {"verdict", "source_pod", "since", "last"} <= {p["name"] for p in get["parameters"]}
     page = client.get("/")
     assert page.status_code == 200 and "/api/v1/flows/stream" not in page.text  # the URL is built in JS
-    assert "live.js" in page.text and "<table" in page.text and "//cdn" not in page.text
-    js = client.get("/static/live.js")
-    assert js.status_code == 200 and "/api/v1/flows/stream" in js.text
+    assert "dash-core.js" in page.text and "<table" in page.text and "//cdn" not in page.text
+    js = client.get("/static/dash-core.js")
+    assert js.status_code == 200 and "/api/v1/dashboard/live" in js.text
 
 
 def test_writer_process_restarts_after_a_crash(tmp_path):
