@@ -120,6 +120,9 @@ def _agent_options(f):
         click.option("--l7-ports", default=None, metavar="PORTS",
                      help="Comma list of ports always under L7 visibility (default 53,80,3000,5000,8000,8080,"
                           "8081,9092,50051); other ports are sniffed for a known protocol."),
+        click.option("--l7-cpu-budget", default=0.25, show_default=True, type=click.FloatRange(0),
+                     help="CPU (in cores) the L7 capture may use on average; beyond it packets are dropped "
+                          "in the kernel and reported as lost events (0 = no limit)."),
         click.option("--policy/--no-policy", "policy", default=True, show_default=True,
                      help="Enforce the server's network policies (CiliumNetworkPolicy) on the endpoints."),
         click.option("--policy-audit-mode", is_flag=True,
@@ -133,7 +136,8 @@ def _agent_options(f):
 
 
 AGENT_CONFIG_KEYS = ("interfaces", "no_endpoints", "state_dir", "node_name", "update_interval", "report_tcp_flags",
-                     "batch_size", "flush_interval", "l7", "l7_ports", "policy", "policy_audit_mode")
+                     "batch_size", "flush_interval", "l7", "l7_ports", "l7_cpu_budget", "policy",
+                     "policy_audit_mode")
 
 
 def _pop_agent_options(kw: dict) -> dict:
@@ -156,6 +160,7 @@ def _agent_config(server: str, opts: dict):
                       state_dir=opts["state_dir"], node_name=opts["node_name"],
                       update_interval=opts["update_interval"], report_tcp_flags=opts["report_tcp_flags"],
                       batch_size=opts["batch_size"], flush_interval=opts["flush_interval"], l7=opts["l7"],
+                      l7_cpu_budget=opts["l7_cpu_budget"],
                       policy=opts["policy"], policy_audit_mode=opts["policy_audit_mode"])
     if opts["l7_ports"] is not None:
         from probe.l7capture import parse_ports

@@ -53,6 +53,7 @@ class AgentConfig:
     spool_max_bytes: int = 1 << 30                         # on-disk spool bound while the server is down
     l7: bool = True                                        # L7 capture (probe.l7capture), see run_agent
     l7_ports: Optional[list[int]] = None                   # None: probe.l7capture.DEFAULT_L7_PORTS
+    l7_cpu_budget: float = 0.25                            # cores the L7 capture may use (0 = no limit)
     policy: bool = True                                    # network policy enforcement (enforcer.sync)
     policy_audit_mode: bool = False                        # global audit: report would-be drops, drop nothing
     cni_service: bool = True                               # serve the CNI plugin's fast path (cni.sock)

@@ -119,6 +119,11 @@ class L7CaptureConfig:
     max_connections: int = 16384
     max_buffered_bytes: int = 64 << 20          # parsers + reassembly, all connections
     reassembly_budget_bytes: int = 16 << 20     # out-of-order bytes, all connections
+    # CPU the capture may use on average, in cores (0 = no limit). Beyond it the packet rings fill and
+    # the kernel drops packets (reported as lost events): under overload L7 visibility degrades, the
+    # workload does not pay for it.
+    cpu_budget: float = 0.25
+    cpu_burst_s: float = 0.05
     tcp_idle_timeout_s: float = 120.0
     udp_idle_timeout_s: float = 30.0
     sweep_interval_s: float = 1.0
@@ -533,13 +538,17 @@ class PacketRing:
         self.drops = 0
         self.packets = 0
 
-    def drain(self, on_packet: Callable[[int, int, bool, object, int, int], None]) -> int:
+    def drain(self, on_packet: Callable[[int, int, bool, object, int, int], None],
+              deadline: float = 0.0) -> int:
         """Hand every packet waiting in the ring to ``on_packet(ifindex, ts_ns, outgoing, buf, off, end)``
-        (``buf[off:end]`` is the captured IP packet) and give the blocks back to the kernel."""
+        (``buf[off:end]`` is the captured IP packet) and give the blocks back to the kernel. With a
+        ``deadline`` (time.perf_counter), stop between blocks once it has passed."""
         mm, bs, ifindex = self.mm, self.block_size, self.ifindex
         hdr = _PKT_HDR.unpack_from
         n = 0
         for _ in range(self.blocks):
+            if deadline and n and time.perf_counter() > deadline:
+                break
             base = self.block * bs
             status, num, first = _BLOCK_HDR.unpack_from(mm, base + 8)
             if not status & TP_STATUS_USER:
@@ -592,6 +601,8 @@ class L7Capture:
         self.tracker = ConnTracker(self.factory, self.cfg, decide=self.filter.set_state)
         self.rings: dict[int, PacketRing] = {}
         self._last_sweep = time.monotonic()
+        self._cpu_tokens = 0.0
+        self._cpu_last = time.perf_counter()
         self._kernel_drops_reported = 0
         self._detached_drops = 0
         self._user_lost_reported = 0
@@ -640,15 +651,31 @@ class L7Capture:
         self.tracker._hint_ports = frozenset(ports) | frozenset(PORT_HINTS)
 
     def poll(self) -> list[schema.Flow]:
-        for ring in list(self.rings.values()):
-            self._drain_ring(ring)
+        budget = self.cfg.cpu_budget
+        if budget <= 0:
+            for ring in list(self.rings.values()):
+                self._drain_ring(ring)
+        else:
+            # Token bucket in seconds of CPU: refilled at `budget` per wall-clock second.
+            t = time.perf_counter()
+            self._cpu_tokens = min(self.cfg.cpu_burst_s, self._cpu_tokens + (t - self._cpu_last) * budget)
+            self._cpu_last = t
+            if self._cpu_tokens > 0:
+                deadline = t + self._cpu_tokens
+                for ring in list(self.rings.values()):
+                    self._drain_ring(ring, deadline)
+                spent = time.perf_counter() - t
+                self._cpu_tokens -= spent
+                self._cpu_last += spent  # no refill for the time spent working
+            else:
+                self.tracker.counters["cpu_budget_skips"] += 1
         now = time.monotonic()
         if now - self._last_sweep >= self.cfg.sweep_interval_s:
             self._last_sweep = now
             self.tracker.sweep(time.time_ns())
         return self.tracker.take()
 
-    def _drain_ring(self, ring: PacketRing) -> None:
+    def _drain_ring(self, ring: PacketRing, deadline: float = 0.0) -> None:
         tracker = self.tracker
         handle = tracker.packet
         bad = 0
@@ -665,7 +692,7 @@ class L7Capture:
                 tracker.counters["packet_errors"] += 1
                 log.debug("L7 packet handling failed: %s", e)
 
-        ring.drain(on_packet)
+        ring.drain(on_packet, deadline)
         if bad:
             tracker.counters["undecodable_packets"] += bad
 
@@ -710,7 +737,8 @@ def build_sources(agent_cfg) -> list:
     if not getattr(agent_cfg, "l7", True):
         return []
     ports = getattr(agent_cfg, "l7_ports", None)
-    cfg = L7CaptureConfig(ports=parse_ports(ports) if ports is not None else DEFAULT_L7_PORTS)
+    cfg = L7CaptureConfig(ports=parse_ports(ports) if ports is not None else DEFAULT_L7_PORTS,
+                          cpu_budget=getattr(agent_cfg, "l7_cpu_budget", L7CaptureConfig.cpu_budget))
     try:
         from importlib.metadata import version
 
