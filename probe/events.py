@@ -152,6 +152,12 @@ def _addr(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
+def _link_scoped(addr: str) -> bool:
+    """Unspecified or link-local (fe80::/10, 169.254.0.0/16): meaningful only on one link."""
+    return addr in ("::", "0.0.0.0") or addr[:4].lower() in ("fe80", "fe90", "fea0", "feb0") \
+        or addr.startswith("169.254.")
+
+
 def tcp_summary(flags: int) -> str:
     names = [n for n in schema.TCP_FLAG_NAMES if flags & schema.TCP_FLAG_BITS[n]]
     return "TCP Flags: " + ", ".join(names) if names else "TCP"
@@ -264,7 +270,17 @@ class FlowBuilder:
             summary = f"IP protocol {proto}"
         ip = schema.IP(source=src, destination=dst, ipVersion=_IPV4 if e.family == 4 else _IPV6)
         iface = schema.NetworkInterface(index=e.ifindex, name=self._ifnames.get(e.ifindex, ""))
-        return (ip, self._index.endpoint_for_ip(src), self._index.endpoint_for_ip(dst), iface, l4, summary)
+        src_ep = self._index.endpoint_for_ip(src)
+        dst_ep = self._index.endpoint_for_ip(dst)
+        # Link-local and unspecified addresses (IPv6 neighbour discovery, DHCP) are not in the registry;
+        # on an endpoint's own interface they are that endpoint's.
+        owner = self._index.by_ifindex.get(e.ifindex)
+        if owner is not None:
+            if e.dir == DIR_EGRESS and _link_scoped(src):
+                src_ep = owner.to_hubble()
+            elif e.dir == DIR_INGRESS and _link_scoped(dst):
+                dst_ep = owner.to_hubble()
+        return (ip, src_ep, dst_ep, iface, l4, summary)
 
     def build(self, e: RawEvent) -> schema.Flow:
         ck = (e.saddr, e.daddr, e.sport, e.dport, e.proto, e.ifindex, e.icmp_type, e.icmp_code)

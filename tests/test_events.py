@@ -195,3 +195,18 @@ def test_tcp_closed_needs_rst_or_fin_both_ways():
     assert not ev.tcp_closed(ACK | FIN, ACK)          # half-closed: the peer may still send
     assert not ev.tcp_closed(ACK, ACK | FIN)
     assert not ev.tcp_closed(ACK, None)
+
+
+def test_link_local_addresses_belong_to_the_endpoint_of_their_interface():
+    idx = EndpointIndex([EndpointRecord(container_id="c1", ips=["10.0.0.1"], host_ifindex=7, namespace="ns",
+                                        pod_name="web-1", labels={"app": "web"})])
+    b = ev.FlowBuilder("n1", idx, {7: "lxc7"}, clock_offset_ns=0, uuid_source=lambda: "u")
+    nd = _key("fe80::1c", "ff02::1:ff00:1", 135, 0, ev.IPPROTO_ICMPV6, ev.DIR_EGRESS, family=6)
+    f = b.build(ev.decode_event(_event(nd, ev.EV_NEW)))
+    assert f.source.pod_name == "web-1"                    # the pod's own link-local address
+    assert f.destination.labels == ["reserved:world"]      # multicast stays world
+    dad = _key("::", "ff02::16", 143, 0, ev.IPPROTO_ICMPV6, ev.DIR_EGRESS, family=6)
+    assert b.build(ev.decode_event(_event(dad, ev.EV_NEW))).source.pod_name == "web-1"
+    other_if = ev.FlowBuilder("n1", idx, {}, clock_offset_ns=0, uuid_source=lambda: "u")
+    k = _key("fe80::1c", "ff02::2", 133, 0, ev.IPPROTO_ICMPV6, ev.DIR_EGRESS, ifindex=9, family=6)
+    assert other_if.build(ev.decode_event(_event(k, ev.EV_NEW))).source.labels == ["reserved:world"]
