@@ -4,8 +4,9 @@
 
 The kernel runs the loaded program `repeat` times on a crafted packet and reports the mean time per
 run, so the figure is the program's own cost, free of network-stack and scheduling noise. Scenarios:
-an established TCP flow (the fast path every data packet takes), the same with enforcement maps
-loaded, and a new flow per run (the slow path: flow entry creation and an event).
+an established TCP flow (the fast path every data packet takes) on each hook, and a new flow per run
+(the slow path: flow entry creation and an event). An empty SCHED_CLS program measured the same way gives
+what the test-run loop itself costs per run; ``measure()`` returns both and the difference.
 """
 
 from __future__ import annotations
@@ -53,34 +54,57 @@ def test_run(prog_fd: int, data: bytes, repeat: int) -> tuple[int, int]:
     return retval, duration
 
 
+EMPTY_PROGRAM = b"int fs_bench_empty(struct __sk_buff *skb) { return 0; }"
+
+
+def measure(repeat: int = 2_000_000, rounds: int = 5, new_flows: int = 200) -> dict:
+    """Median ns per run of each hook on an established TCP packet, of one new flow (SYN, with its
+    event), and of an empty SCHED_CLS program measured the same ways: its figure is what
+    BPF_PROG_TEST_RUN itself costs per run, so ``program - empty`` is the program's own cost."""
+    from bcc import BPF
+
+    from probe.datapath import Datapath
+
+    dp = Datapath()
+    empty_bpf = BPF(text=EMPTY_PROGRAM)
+    try:
+        empty = empty_bpf.load_func(b"fs_bench_empty", BPF.SCHED_CLS)
+        est = tcp_packet("10.9.0.1", "10.9.0.2", 40000, 80)
+        test_run(dp.fn_ingress.fd, est, 1)  # create the flow entry
+        out: dict = {"repeat": repeat, "rounds": rounds, "new_flows": new_flows, "runs": {}}
+        for name, fd in (("ingress", dp.fn_ingress.fd), ("egress", dp.fn_egress.fd), ("empty", empty.fd)):
+            test_run(fd, est, 1)
+            out["runs"][f"established/{name}"] = sorted(test_run(fd, est, repeat)[1] for _ in range(rounds))
+        # slow path: a new flow per run needs a new packet per run: one run each over distinct source ports
+        for name, fd in (("ingress", dp.fn_ingress.fd), ("empty", empty.fd)):
+            out["runs"][f"new/{name}"] = sorted(
+                test_run(fd, tcp_packet("10.9.0.3", "10.9.0.2", port, 80, 0x02), 1)[1]
+                for port in range(41000, 41000 + new_flows))
+    finally:
+        empty_bpf.cleanup()
+        dp.close()
+    med = {k: v[len(v) // 2] for k, v in out["runs"].items()}
+    out["median_ns"] = med
+    out["net_ns"] = {"established/ingress": med["established/ingress"] - med["established/empty"],
+                     "established/egress": med["established/egress"] - med["established/empty"],
+                     "new/ingress": med["new/ingress"] - med["new/empty"]}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=2_000_000)
     args = ap.parse_args()
-    from probe.datapath import Datapath
-
-    dp = Datapath()
-    try:
-        est = tcp_packet("10.9.0.1", "10.9.0.2", 40000, 80)
-        test_run(dp.fn_ingress.fd, est, 1)  # create the flow entry
-        rows = []
-        for name, fn in (("ingress hook", dp.fn_ingress), ("egress hook", dp.fn_egress)):
-            test_run(fn.fd, est, 1)
-            costs = sorted(test_run(fn.fd, est, args.repeat)[1] for _ in range(5))
-            rows.append((f"established TCP, {name}", costs))
-        # slow path: a new flow each run would need a new packet per run; measure one creation
-        # by averaging over distinct source ports.
-        new_costs = []
-        for port in range(41000, 41200):
-            new_costs.append(test_run(dp.fn_ingress.fd, tcp_packet("10.9.0.3", "10.9.0.2", port, 80, 0x02), 1)[1])
-        new_costs.sort()
-        for name, costs in rows:
-            print(f"{name:<34} median {costs[len(costs) // 2]:>5} ns/run  (min {costs[0]}, max {costs[-1]}, "
-                  f"{args.repeat:,} runs x 5)")
-        print(f"{'new TCP flow (SYN), ingress hook':<34} median {new_costs[len(new_costs) // 2]:>5} ns/run  "
-              f"(min {new_costs[0]}, max {new_costs[-1]}, 200 flows; includes the ring-buffer event)")
-    finally:
-        dp.close()
+    r = measure(args.repeat)
+    for key, label in (("established/ingress", "established TCP, ingress hook"),
+                       ("established/egress", "established TCP, egress hook"),
+                       ("established/empty", "established TCP, empty program"),
+                       ("new/ingress", "new TCP flow (SYN), ingress hook"), ("new/empty", "new flow, empty program")):
+        costs = r["runs"][key]
+        what = (f"{args.repeat:,} runs x 5" if key.startswith("established")
+                else f"{r['new_flows']} flows, one run each" + ("; includes the ring-buffer event" if key == "new/ingress" else ""))
+        print(f"{label:<34} median {costs[len(costs) // 2]:>5} ns/run  (min {costs[0]}, max {costs[-1]}, {what})")
+    print("net of the empty program: " + ", ".join(f"{k} {v} ns" for k, v in r["net_ns"].items()))
     return 0
 
 

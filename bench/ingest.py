@@ -145,6 +145,33 @@ class Raw:
         return n / (time.perf_counter() - t0)
 
 
+def measure(flows: int = 60_000, batch: int = 1000, concurrency: int = 4, reps: int = 3,
+            compare_thread: bool = False, log=print) -> dict[str, list[float]]:
+    """flows/s per repetition: ``api`` (and ``api-thread``) through the HTTP API, ``raw`` executemany;
+    interleaved, after one warm-up batch run each."""
+    log(f"building {flows:,} realistic flows in batches of {batch} ...")
+    work = Workload(flows, batch)
+    log(f"  {len(schema.encode(work.flows)) / flows:.0f} bytes of JSON per flow")
+    warm = Workload(batch * 5, batch)
+    with tempfile.TemporaryDirectory(prefix="flowscope-bench-") as tmp:
+        servers = {"api": Server(f"sqlite:///{tmp}/api.db", writer_process=True)}
+        if compare_thread:
+            servers["api-thread"] = Server(f"sqlite:///{tmp}/api-thread.db", writer_process=False)
+        raw = Raw(f"{tmp}/raw.db")
+        try:
+            for srv in servers.values():
+                api_rate(srv.url, warm, concurrency)
+            raw.rate(warm)
+            variants = {name: (lambda srv=srv: api_rate(srv.url, work, concurrency))
+                        for name, srv in servers.items()}
+            variants["raw"] = lambda: raw.rate(work)
+            return interleave(reps, variants)
+        finally:
+            for srv in servers.values():
+                srv.stop()
+            raw.conn.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--flows", type=int, default=60_000, help="flows per repetition")
@@ -154,28 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-thread", action="store_true",
                     help="also run a server whose writer is a thread instead of a process")
     args = ap.parse_args(argv)
-
-    print(f"building {args.flows:,} realistic flows in batches of {args.batch} ...", flush=True)
-    work = Workload(args.flows, args.batch)
-    print(f"  {len(schema.encode(work.flows)) / args.flows:.0f} bytes of JSON per flow", flush=True)
-    warm = Workload(args.batch * 5, args.batch)
-    with tempfile.TemporaryDirectory(prefix="flowscope-bench-") as tmp:
-        servers = {"api": Server(f"sqlite:///{tmp}/api.db", writer_process=True)}
-        if args.compare_thread:
-            servers["api-thread"] = Server(f"sqlite:///{tmp}/api-thread.db", writer_process=False)
-        raw = Raw(f"{tmp}/raw.db")
-        try:
-            for srv in servers.values():
-                api_rate(srv.url, warm, args.concurrency)
-            raw.rate(warm)
-            variants = {name: (lambda srv=srv: api_rate(srv.url, work, args.concurrency))
-                        for name, srv in servers.items()}
-            variants["raw"] = lambda: raw.rate(work)
-            results = interleave(args.reps, variants)
-        finally:
-            for srv in servers.values():
-                srv.stop()
-            raw.conn.close()
+    results = measure(args.flows, args.batch, args.concurrency, args.reps, args.compare_thread,
+                      log=lambda m: print(m, flush=True))
     pressure = cpu_pressure()
     if pressure > 10:
         print(f"\nWARNING: CPU pressure avg10={pressure:.0f}%: other processes competed for the 2 cores; the API "
