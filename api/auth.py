@@ -535,13 +535,27 @@ def _same_origin(scope: Scope) -> bool:
     return bool(host) and parsed.netloc == host
 
 
+SMALL_BODY_PATHS = ("/login", "/logout", "/api/v1/tokens", "/api/v1/whoami")
+SMALL_BODY_BYTES = 64 * 1024
+
+
+def body_limit(path: str, default: int) -> int:
+    """The largest request body a path may declare (Content-Length); routes enforce their own limits on
+    what they read, this stops an oversized declared body before anything reads it."""
+    if any(path == p or path.startswith(p + "/") for p in SMALL_BODY_PATHS):
+        return SMALL_BODY_BYTES
+    return default
+
+
 class AuthMiddleware:
     """Authenticates every HTTP request and websocket, applies :func:`allowed_roles` and the rate limit,
-    and attaches the :class:`Principal` (``scope["state"]["flowscope_principal"]``)."""
+    and attaches the :class:`Principal` (``scope["state"]["flowscope_principal"]``). Also answers 400 for
+    an invalid and 413 for an oversized declared Content-Length, before any route reads the body."""
 
-    def __init__(self, app: Any, auth: Authenticator) -> None:
+    def __init__(self, app: Any, auth: Authenticator, max_body_bytes: int = 64 << 20) -> None:
         self.app = app
         self.auth = auth
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -550,6 +564,15 @@ class AuthMiddleware:
             return
         ws = kind == "websocket"
         auth = self.auth
+        if not ws and (length := _header(scope, b"content-length")):
+            limit = body_limit(scope["path"], self.max_body_bytes)
+            if not length.isdigit():
+                await self._deny(scope, receive, send, 400, f"invalid Content-Length {length[:40]!r}")
+                return
+            if int(length) > limit:
+                await self._deny(scope, receive, send, 413,
+                                 f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
+                return
         token: Optional[str] = None
         source = ""
         header = _header(scope, b"authorization")
@@ -729,9 +752,11 @@ def create_auth_router(auth: Authenticator) -> APIRouter:
 
     @router.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        raw = await request.body()
-        if len(raw) > 4096:
-            return _login_page("/", "request too large", 413)
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > 4096:
+                return _login_page("/", "request too large", 413)
         form = urllib.parse.parse_qs(raw.decode("utf-8", "replace"))
         token = (form.get("token") or [""])[0].strip()
         target = safe_next((form.get("next") or ["/"])[0])
@@ -800,7 +825,9 @@ def install_auth(app: FastAPI, engine: Engine, *, required: bool, rate_limit: Op
     :class:`Authenticator` is ``app.state.auth``."""
     auth = Authenticator(TokenStore(engine), required=required, rate_limit=rate_limit)
     app.state.auth = auth
-    app.add_middleware(AuthMiddleware, auth=auth)
+    settings = getattr(app.state, "settings", None)
+    ceiling = max(64 << 20, int(getattr(settings, "max_body_bytes", 0)) + (1 << 20))
+    app.add_middleware(AuthMiddleware, auth=auth, max_body_bytes=ceiling)
     app.include_router(create_auth_router(auth))
     base_openapi = app.openapi
 

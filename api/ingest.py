@@ -46,7 +46,10 @@ def decode_ingest(body: bytes, *, now_ns: Optional[int] = None) -> PreparedBatch
         raise IngestError(422, f"invalid flow batch: {e}") from None
     except msgspec.DecodeError as e:
         raise IngestError(400, f"invalid JSON: {e}") from None
-    if isinstance(obj, list):
-        return prepare_batch(obj, now_ns=now_ns)
-    return prepare_batch(obj.flows, obj.lost_events, node_name=obj.node_name, agent_version=obj.agent_version,
-                         now_ns=now_ns, batch_id=obj.batch_id)
+    try:
+        if isinstance(obj, list):
+            return prepare_batch(obj, now_ns=now_ns)
+        return prepare_batch(obj.flows, obj.lost_events, node_name=obj.node_name, agent_version=obj.agent_version,
+                             now_ns=now_ns, batch_id=obj.batch_id)
+    except ValueError as e:  # e.g. a well-formed but impossible time ("2026-13-45T99:00:00Z")
+        raise IngestError(422, f"invalid flow batch: {e}") from None

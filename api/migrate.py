@@ -43,12 +43,15 @@ def upgrade(target: "str | Engine | None" = None, revision: str = "head") -> Non
     """Bring the database at ``target`` (URL or engine; default URL when None) to ``revision``.
 
     Idempotent: a database already at head is left alone. On SQLite the whole upgrade runs in one
-    ``BEGIN IMMEDIATE`` transaction, so two servers starting at once cannot interleave DDL."""
+    ``BEGIN IMMEDIATE`` transaction, on PostgreSQL in one transaction under an advisory lock, so two
+    servers starting at once cannot interleave DDL."""
     engine = target if isinstance(target, Engine) else make_engine(target)
     try:
         with engine.connect() as conn:
             conn.execution_options(sqlite_immediate=True)
             with conn.begin():
+                if conn.dialect.name == "postgresql":  # servers starting at once take turns (issue 8)
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(1179405133)")  # "FLMM"
                 cfg = alembic_config()
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, revision)

@@ -48,14 +48,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def generate(server: str, node: str, rate: float, seconds: float, spool_dir: Optional[str], token: Optional[str],
-             drain_timeout: float, batch_size: int, seed: int) -> dict[str, Any]:
+             drain_timeout: float, batch_size: int, seed: int, spool_max_bytes: int = 1 << 30,
+             max_queue: int = 200_000) -> dict[str, Any]:
     from api.samples import sample_flow
     from probe.shipper import Shipper
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     shipper = Shipper(server, node, batch_size=batch_size, flush_interval=0.2, token=token, timeout=5.0,
-                      spool_dir=spool_dir, max_backoff=2.0)
+                      spool_dir=spool_dir, max_backoff=2.0, spool_max_bytes=spool_max_bytes, max_queue=max_queue)
     shipper.start()
     rng = random.Random(seed)
     produced = 0
@@ -310,6 +311,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--drain-timeout", type=float, default=120.0)
     g.add_argument("--batch-size", type=int, default=1000)
     g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--spool-max-bytes", type=int, default=1 << 30)
+    g.add_argument("--max-queue", type=int, default=200_000, help="flows held in memory")
     w = sub.add_parser("ws", help="a live client")
     w.add_argument("--base", required=True)
     w.add_argument("--seconds", type=float, required=True)
@@ -317,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     token = os.environ.get("FLOWSCOPE_TOKEN") or None
     if a.cmd == "gen":
         print(json.dumps(generate(a.server, a.node, a.rate, a.seconds, a.spool_dir, token, a.drain_timeout,
-                                  a.batch_size, a.seed)), flush=True)
+                                  a.batch_size, a.seed, a.spool_max_bytes, a.max_queue)), flush=True)
         return 0
     if a.cmd == "ws":
         print(json.dumps(live_client(a.base, "ws" + a.base[4:], a.seconds, token)), flush=True)

@@ -554,7 +554,7 @@ def run_query(server: str, query: FlowQuery, sink: _Sink, timeout: float) -> Non
     import httpx
 
     url = server.rstrip("/") + "/api/v1/flows/query"
-    headers = {"content-type": "application/json", "accept": "application/x-ndjson"}
+    headers = {"content-type": "application/json", "accept": "application/x-ndjson", **auth_headers()}
     try:
         with httpx.Client(timeout=_timeout(timeout)) as client:
             with client.stream("POST", url, content=query_to_json(query), headers=headers) as resp:
@@ -581,6 +581,12 @@ def run_query(server: str, query: FlowQuery, sink: _Sink, timeout: float) -> Non
         raise ObserveError(f"request to {url} failed: {_reason(e)}") from None
 
 
+def auth_headers() -> dict[str, str]:
+    """``Authorization: Bearer $FLOWSCOPE_TOKEN`` when set (servers beyond loopback require a token)."""
+    token = os.environ.get("FLOWSCOPE_TOKEN", "").strip()
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 def _reason(e: BaseException) -> str:
     text = str(e).strip()
     if not text and e.__cause__ is not None:
@@ -605,7 +611,8 @@ def run_follow(server: str, query: FlowQuery, sink: _Sink, timeout: float) -> No
 
     url = stream_url(server, query)
     try:
-        with connect(url, open_timeout=timeout, max_size=64 * 2**20, compression=None) as ws:
+        with connect(url, open_timeout=timeout, max_size=64 * 2**20, compression=None,
+                     additional_headers=auth_headers()) as ws:
             for message in ws:
                 data = message if isinstance(message, bytes) else message.encode()
                 try:

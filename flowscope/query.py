@@ -178,6 +178,8 @@ def query_from_json(body: Union[bytes, str]) -> FlowQuery:
             obj = msgspec.json.decode(body)
         except msgspec.DecodeError as e:
             raise QueryError(f"invalid JSON body: {e}") from None
+        except RecursionError:  # found by tests/test_reliability_badinput.py (issue 8)
+            raise QueryError("invalid JSON body: nested too deeply") from None
     if not isinstance(obj, dict):
         raise QueryError(f"the query must be a JSON object, got {type(obj).__name__}")
     for alias, name in _ALIASES.items():

@@ -118,7 +118,10 @@ class Datapath:
         except Exception as e:  # NetlinkError EEXIST: a clsact is already there (ours or another tool's)
             if getattr(e, "code", None) != errno.EEXIST:
                 raise DatapathError(f"adding clsact to {ifname or ifindex}: {e}") from e
-        self._remove_our_filters(ifindex)
+        if self._remove_our_filters(ifindex) and not created and not self._other_filters(ifindex):
+            # A killed agent's clsact that held only its filters: adopt it, so that it goes on detach
+            # and the interface ends as it was before the first agent (issue 8: restart leaves nothing).
+            created = True
         try:
             for fn, parent in ((self.fn_ingress, PARENT_INGRESS), (self.fn_egress, PARENT_EGRESS)):
                 self.ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fn.fd, name=fn.name.decode(),
@@ -147,12 +150,23 @@ class Datapath:
             if getattr(e, "code", None) not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
                 log.warning("restoring ifindex %d: %s", ifindex, e)
 
-    def _remove_our_filters(self, ifindex: int) -> None:
+    def _remove_our_filters(self, ifindex: int) -> bool:
+        """Remove our filters from the interface; whether there were any."""
+        removed = False
         for parent in (PARENT_INGRESS, PARENT_EGRESS):
             try:
                 self.ipr.tc("del-filter", "bpf", ifindex, ":1", parent=parent, prio=FILTER_PRIO)
+                removed = True
             except Exception:
                 pass  # none of ours there
+        return removed
+
+    def _other_filters(self, ifindex: int) -> bool:
+        """Whether the clsact hooks carry filters that are not ours (unknown: assume yes)."""
+        try:
+            return any(self.ipr.get_filters(ifindex, parent=p) for p in (0xFFFFFFF2, 0xFFFFFFF3))
+        except Exception:
+            return True
 
     def detach_all(self) -> None:
         for ifindex in list(self.attached):

@@ -207,13 +207,17 @@ class ServerProcess:
 
 def generator(server: str, node: str, *, rate: float, seconds: float, spool_dir: Optional[str],
               token: Optional[str] = None, drain_timeout: float = 180.0, batch_size: int = 1000,
-              seed: int = 1) -> subprocess.Popen:
+              seed: int = 1, spool_max_bytes: Optional[int] = None, max_queue: Optional[int] = None) -> subprocess.Popen:
     """``python -m bench.soak gen``: its last stdout line is a JSON report (see bench.soak.generate)."""
     args = [sys.executable, "-m", "bench.soak", "gen", "--server", server, "--node", node, "--rate", str(rate),
             "--seconds", str(seconds), "--drain-timeout", str(drain_timeout), "--batch-size", str(batch_size),
             "--seed", str(seed)]
     if spool_dir is not None:
         args += ["--spool-dir", spool_dir]
+    if spool_max_bytes is not None:
+        args += ["--spool-max-bytes", str(spool_max_bytes)]
+    if max_queue is not None:
+        args += ["--max-queue", str(max_queue)]
     env = dict(os.environ)
     if token:
         env["FLOWSCOPE_TOKEN"] = token

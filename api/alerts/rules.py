@@ -352,6 +352,8 @@ def load_rules(text: str | bytes) -> list[Rule]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
         raise RuleError(f"not valid YAML/JSON{where}: {problem}") from None
+    except RecursionError:  # found by tests/test_reliability_badinput.py (issue 8)
+        raise RuleError("not valid rules: nested too deeply") from None
     items: list[Any] = []
     for d in docs:
         if isinstance(d, dict) and set(d) == {"rules"}:
