@@ -68,7 +68,7 @@ class DashboardSettings:
     seed_max_flows: int = 20_000  # ...at most this many (the newest)
     range_max_flows: int = 300_000  # flows scanned at most for one range answer (the answer says so)
     queue_batches: int = 512  # committed batch groups waiting for the worker before drops
-    idle_keep_s: float = 30.0  # a live view without clients is kept this long (page reloads)
+    feed_chunk: int = 256  # flows aggregated between voluntary GIL releases (keeps the event loop responsive)
     max_changes: int = 5_000  # records per kind in one live message
     status_every_s: float = 1.0
     agent_fresh_s: float = 60.0  # an agent heard from within this is "connected"
@@ -267,7 +267,7 @@ class LiveView:
         self.seq = 0
         self.min_id = min_id
         self.clients: set[_Client] = set()
-        self.idle_since: Optional[float] = None
+        self.dropped = False  # no clients left: no longer fed
         self.ticker: Optional[asyncio.Task[None]] = None
         self.tick_version = 0
         self.tick_seq = 0
@@ -382,11 +382,18 @@ class DashboardHub:
             items = [it for b in batches for it in b.live_items()]
             with self._lock:
                 views = list(self.views.values())
-            for v in views:
-                try:
-                    v.feed(items)
-                except Exception:  # noqa: BLE001 - one bad view must not stop the others
-                    log.exception("feeding a live dashboard view failed")
+            chunk = self.settings.feed_chunk
+            for i in range(0, len(items), chunk):
+                part = items[i:i + chunk]
+                for v in views:
+                    try:
+                        v.feed(part)
+                    except Exception:  # noqa: BLE001 - one bad view must not stop the others
+                        log.exception("feeding a live dashboard view failed")
+                # Let the event loop (HTTP ingest, websockets) take the interpreter lock now rather than
+                # after the 5 ms switch interval: without this, every I/O wake-up of the loop could wait
+                # that long behind aggregation (the convoy effect), which measurably slowed ingest.
+                time.sleep(0)
 
     def _ensure_worker(self) -> None:
         if self._worker is None:
@@ -403,14 +410,16 @@ class DashboardHub:
 
     # ---- views -----------------------------------------------------------------------------
 
-    def acquire(self, key: str, query: FlowQuery) -> tuple[LiveView, bool]:
-        """The view for ``key`` (created and seeded from storage when new); (view, created). Blocking."""
+    def acquire(self, key: str, query: FlowQuery, client: "_Client") -> tuple[LiveView, bool]:
+        """The view for ``key`` with ``client`` added (created and seeded from storage when new);
+        (view, created). Blocking."""
         with self._lock:
             v = self.views.get(key)
             if v is not None:
-                v.idle_since = None
+                v.clients.add(client)
                 return v, False
             v = LiveView(key, query, self.settings, self.store.last_id())
+            v.clients.add(client)
             v.lock.acquire()  # the worker waits for the seed, so live flows come after history
             self.views[key] = v
         try:
@@ -425,8 +434,22 @@ class DashboardHub:
 
     def drop_view(self, v: LiveView) -> None:
         with self._lock:
+            v.dropped = True
             if self.views.get(v.key) is v:
                 del self.views[v.key]
+
+    def release(self, v: LiveView, client: "_Client") -> None:
+        """``client`` left; a view without clients is dropped at once (it is no longer fed: a page that
+        comes back gets a new view, seeded from storage)."""
+        with self._lock:
+            v.clients.discard(client)
+            if v.clients:
+                return
+            v.dropped = True
+            if self.views.get(v.key) is v:
+                del self.views[v.key]
+        if v.ticker is not None:
+            v.ticker.cancel()
 
     # ---- status ----------------------------------------------------------------------------
 
@@ -482,12 +505,9 @@ class DashboardHub:
                     with v.lock:
                         v.agg.rotate()
                     next_rotate = now + s.window_s / 2
+                if v.dropped:
+                    return
                 if not v.clients:
-                    if v.idle_since is None:
-                        v.idle_since = now
-                    elif now - v.idle_since > s.idle_keep_s:
-                        self.drop_view(v)
-                        return
                     continue
                 status = await run_in_threadpool(self.status, hub)
                 from_v, from_seq = v.tick_version, v.tick_seq
@@ -604,9 +624,8 @@ def create_dashboard_router(store: FlowStore, hub: LiveHub, *, writer: Any = Non
             await ws.send_text(orjson.dumps({"type": "error", "detail": str(e)}).decode())
             await ws.close(code=1008, reason=str(e).encode()[:120].decode(errors="ignore"))
             return
-        view, _ = await run_in_threadpool(dh.acquire, view_key(fq), fq)
         client = _Client(0, 0)
-        view.clients.add(client)
+        view, _ = await run_in_threadpool(dh.acquire, view_key(fq), fq, client)
         dh.start_ticker(view, hub)
 
         async def send(body: bytes) -> None:
@@ -660,7 +679,7 @@ def create_dashboard_router(store: FlowStore, hub: LiveHub, *, writer: Any = Non
                 if exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
                     log.warning("dashboard stream ended with %s: %s", type(exc).__name__, exc)
         finally:
-            view.clients.discard(client)
+            dh.release(view, client)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -142,3 +142,11 @@ def legacy_flows(start_ns: int, rounds: int, step_ns: int = 1_000_000_000) -> li
 
 def batch_body(flows: list[schema.Flow], node: str = "node-1") -> bytes:
     return b'{"node_name":"' + node.encode() + b'","flows":[' + b",".join(schema.flow_to_json(f) for f in flows) + b"]}"
+
+
+def kafka_flows(start_ns: int, rounds: int, step_ns: int = 10_000_000) -> list[schema.Flow]:
+    """A new dependency appearing live: shop/api -> data/kafka (TCP 9092)."""
+    ep = schema.Endpoint(identity=30030, namespace="data", pod_name="kafka-0",
+                         labels=["k8s:app=kafka", "k8s:io.kubernetes.pod.namespace=data"])
+    return [_flow(start_ns + i * step_ns, _ep("api-5d4"), ep, _ip("api-5d4"), "10.2.0.30", _tcp(51000 + i, 9092, SYN=True),
+                  is_reply=False) for i in range(rounds)]

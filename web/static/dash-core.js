@@ -85,7 +85,7 @@
     return (i ? n.toFixed(1) : n) + " " + u[i];
   };
   FS.fmtMs = (ms) => (ms == null ? "–" : ms < 1 ? ms.toFixed(2) + " ms" : ms < 100 ? ms.toFixed(1) + " ms" : Math.round(ms) + " ms");
-  FS.fmtPct = (r) => (r == null ? "–" : (r * 100 < 10 ? (r * 100).toFixed(1) : Math.round(r * 100)) + "%");
+  FS.fmtPct = (r) => (r == null ? "–" : r === 0 ? "0%" : (r * 100 < 10 ? (r * 100).toFixed(1) : Math.round(r * 100)) + "%");
   FS.esc = (s) => String(s == null ? "" : s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
   FS.verdictClass = (v) => ({ FORWARDED: "forwarded", REDIRECTED: "forwarded", TRANSLATED: "forwarded", TRACED: "forwarded",
     DROPPED: "dropped", ERROR: "dropped", AUDIT: "audit" }[v] || "other");

@@ -91,13 +91,14 @@
     if (loading) return;
     loading = true;
     const s = FS.state;
-    const qs = Object.assign({ q: s.q }, s.mode === "range" ? { since: s.since, until: s.until } : { since: "1h" });
+    const qs = Object.assign({ q: s.q }, s.mode === "range" ? { since: s.since, until: s.until } : { since: "15m" });
     try {
       const [drops, pols] = await Promise.all([FS.apiJson("/api/v1/dashboard/drops", Object.assign({ buckets: 60 }, qs)),
         FS.apiJson("/api/v1/dashboard/policies", qs)]);
       policies = pols.items;
       info.textContent = FS.fmtNum(drops.drops) + " drops, " + FS.fmtNum(drops.audits) + " audited flows " +
-        (s.mode === "range" ? "in the range" : "in the last hour (refreshes every 10 s)") + (drops.truncated || pols.truncated ? " · partial: range too large" : "");
+        (s.mode === "range" ? "in the range" : "in the last 15 minutes (refreshes every 10 s)") +
+        (s.q ? " · matching the filter" : "") + (drops.truncated || pols.truncated ? " · partial: range too large" : "");
       chart(document.getElementById("chart-reason"), drops.by_reason, drops);
       chart(document.getElementById("chart-policy"), drops.by_policy, drops);
       renderPolicies();

@@ -70,7 +70,7 @@
     if (e.l7) {
       const l = e.l7;
       const err = l.recent_error_rate != null ? l.recent_error_rate : l.error_rate;
-      return FS.fmtNum(l.request_rate) + " rps · " + FS.fmtPct(err) + " err · p95 " + FS.fmtMs(l.p95_ms);
+      return FS.fmtNum(l.request_rate) + " rps · " + FS.fmtPct(err) + " err" + (l.p95_ms != null ? " · p95 " + FS.fmtMs(l.p95_ms) : "");
     }
     const ports = (e.ports || []).slice(0, 2).map((p) => p[0]).join(", ");
     return ports + ((e.ports || []).length > 2 ? " …" : "");
@@ -155,20 +155,24 @@
     const opts = hasFcose
       ? { name: "fcose", quality: n > 250 ? "draft" : "default", randomize: !!randomize, animate: false, fit: fit,
         padding: 30, nodeSeparation: 90, idealEdgeLength: () => 110, nodeRepulsion: () => 9000, packComponents: true,
-        numIter: n > 250 ? 1200 : 2500, tile: true }
+        numIter: n > 250 ? 1200 : 2500, tile: true, nodeDimensionsIncludeLabels: true }
       : { name: "cose", animate: false, fit: fit, padding: 30, randomize: !!randomize };
     running = visible.layout(opts);
     running.run();
     running = null;
+    if (fit && cy.zoom() > 1.3) { cy.zoom(1.3); cy.center(visible); } // a small map stays readable, not giant
     lastLayout = Date.now();
     needLayout = false;
   }
   function scheduleLayout(fit) {
     if (layoutTimer) return;
     const wait = Math.max(0, 2500 - (Date.now() - lastLayout));
-    layoutTimer = setTimeout(() => { layoutTimer = null; if (isVisible()) runLayout(fit, false); else needLayout = true; }, wait);
+    // keep everything in view unless the user moved the viewport themselves
+    layoutTimer = setTimeout(() => { layoutTimer = null; if (isVisible()) runLayout(fit || !userMoved, false); else needLayout = true; }, wait);
   }
   const isVisible = () => !document.getElementById("view-map").hidden;
+  let userMoved = false;
+  ["wheel", "mousedown", "touchstart"].forEach((ev) => container.addEventListener(ev, () => { userMoved = true; }, { passive: true }));
 
   // ---- namespace filter ------------------------------------------------------------------------
   function refreshNamespaces() {
@@ -255,7 +259,7 @@
       if (needLayout) runLayout(true, cy.nodes().length > 0 && lastLayout === 0);
     }
   });
-  document.getElementById("map-fit").addEventListener("click", () => cy.fit(cy.elements().not(".hidden"), 30));
+  document.getElementById("map-fit").addEventListener("click", () => { userMoved = false; cy.fit(cy.elements().not(".hidden"), 30); });
   document.getElementById("map-layout").addEventListener("click", () => runLayout(true, true));
   // edge labels: on when asked for and readable (few edges on screen, or zoomed in); hover shows one
   let labelsOn = true;
@@ -352,5 +356,5 @@
     if (b.dataset.ns) { FS.state.ns = b.dataset.ns; nsSelect.value = b.dataset.ns; FS.saveUrl(); applyNamespace(); runLayout(true, false); return; }
     FS.setFilter(b.dataset.filter, "flows");
   });
-  FS.on("reload", () => { selected = null; refreshPanel(); });
+  FS.on("reload", () => { selected = null; userMoved = false; refreshPanel(); });
 })();
