@@ -389,6 +389,63 @@ class ServerProcess:
         self.stop()
 
 
+class AgentProcess:
+    """The real agent (:mod:`bench.agent_proc`) in its own session; ``stop()`` -> its exit report."""
+
+    def __init__(self, server: str, interfaces: Iterable[str], *, log_path: Optional[Path] = None,
+                 extra: Iterable[str] = (), startup_timeout: float = 90):
+        cmd = [sys.executable, "-m", "bench.agent_proc", "--server", server]
+        for i in interfaces:
+            cmd += ["--interface", i]
+        cmd += list(extra)
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self.log_path = log_path
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     start_new_session=True)
+        self.ready: dict = {}
+        line = _readline_timeout(self.proc, startup_timeout)
+        if not line:
+            self.stop()
+            tail = Path(log_path).read_text(errors="replace")[-2000:] if log_path else ""
+            raise RuntimeError(f"the agent did not start: {tail}")
+        import json
+
+        self.ready = json.loads(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 60) -> dict:
+        import json
+
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(self.proc, signal.SIGKILL)
+            out = ""
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+            self._log = subprocess.DEVNULL
+        for line in reversed((out or "").splitlines()):
+            if line.startswith("{"):
+                return json.loads(line)
+        return {}
+
+
+def _readline_timeout(p: subprocess.Popen, timeout: float) -> str:
+    box: list[str] = []
+    t = threading.Thread(target=lambda: box.append(p.stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    return box[0].strip() if box else ""
+
+
 def stop_process(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
     """Signal a process group we started, wait, then SIGKILL it if it does not go."""
     if p.poll() is not None:
