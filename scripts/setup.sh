@@ -43,7 +43,9 @@ install_apt() {
 install_headers() {
   local kver; kver=$(uname -r)
   local mod="/lib/modules/$kver"
-  if [ -e "$mod/build/include/uapi/linux/bpf.h" ] || [ -e "$mod/build/include/linux/bpf.h" ]; then
+  # Debian splits headers into an arch tree (build: Makefile, generated headers) and a -common tree
+  # (source: include/uapi/...); bcc needs both reachable from build/.
+  if [ -e "$mod/build/Makefile" ] && { [ -e "$mod/build/include/uapi/linux/bpf.h" ] || [ -e "$mod/source/include/uapi/linux/bpf.h" ]; }; then
     say "kernel headers: present at $mod/build"
     return
   fi
