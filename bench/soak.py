@@ -9,13 +9,17 @@ Processes, all real:
   a temporary directory unless ``--db`` names another database;
 * a generator: ``python -m bench.soak gen``, the agent's real :class:`probe.shipper.Shipper` with its
   on-disk spool, fed ``--rate`` generated flows per second (unique uuids) in batches of 1000;
-* a live client: ``python -m bench.soak ws``, the websocket stream ``/api/v1/flows/stream`` kept open
-  (what the dashboard's live view holds), plus the status and dashboard endpoints polled every 5 s.
+* a live client: ``python -m bench.soak ws``, what an open dashboard holds: the live map websocket
+  (``/api/v1/dashboard/live``) and the flow stream (``/api/v1/flows/stream``), plus the status endpoints
+  polled every 5 s.
 
 RSS is sampled every 10 s; "start" is the first sample after a warm-up (10 % of the run, at most 60 s),
 "end" the last one; the table shows both and the change. Errors: HTTP failures and losses counted by the
 generator, server log lines at ERROR or with a traceback, websocket disconnects, flows dropped for the
 live client. At the end the stored flow count is compared with what was generated.
+
+``retention``: ingest latency through the real writer process, alone and while a retention pass deletes
+``--old-rows`` old flows: ``python -m bench.soak retention [--old-rows 200000] [--db URL]``.
 
 ``gen`` alone (used by the reliability tests): ``python -m bench.soak gen --server URL --node N --rate R
 --seconds S [--spool-dir D]``; after generating it waits until the shipper has delivered everything
@@ -61,8 +65,21 @@ def generate(server: str, node: str, rate: float, seconds: float, spool_dir: Opt
     rng = random.Random(seed)
     produced = 0
     max_backlog = 0
+    peak_at = cleared_at = 0.0  # wall-clock times: the backlog's peak, and when it was empty again after it
     t0 = time.monotonic()
     next_sample = t0
+
+    max_pending = 0
+
+    def sample() -> None:
+        nonlocal max_backlog, peak_at, cleared_at, max_pending
+        max_pending = max(max_pending, shipper.pending())
+        b = shipper.backlog_bytes()
+        if b > max_backlog:
+            max_backlog, peak_at, cleared_at = b, time.time(), 0.0
+        elif b == 0 and max_backlog and not cleared_at:
+            cleared_at = time.time()
+
     while not stop.is_set():
         elapsed = time.monotonic() - t0
         if elapsed >= seconds:
@@ -78,14 +95,15 @@ def generate(server: str, node: str, rate: float, seconds: float, spool_dir: Opt
             shipper.put(flows)
             produced += due
         if time.monotonic() >= next_sample:
-            max_backlog = max(max_backlog, shipper.backlog_bytes())
+            sample()
             next_sample += 0.5
         stop.wait(0.01)
     gen_s = time.monotonic() - t0
     deadline = time.monotonic() + drain_timeout
     while not shipper.idle() and time.monotonic() < deadline and not stop.is_set():
-        max_backlog = max(max_backlog, shipper.backlog_bytes())
+        sample()
         time.sleep(0.1)
+    sample()
     drained = shipper.idle()
     drain_s = time.monotonic() - t0 - gen_s
     shipper.close(deadline_s=5.0)
@@ -94,7 +112,9 @@ def generate(server: str, node: str, rate: float, seconds: float, spool_dir: Opt
             "drain_seconds": round(drain_s, 2), "shipped": st.shipped, "batches": st.batches,
             "failures": st.failures, "spooled_batches": st.spooled_batches, "duplicates": st.duplicates,
             "rejected": st.rejected, "lost_queue_full": st.lost_queue_full, "lost_by_source": st.lost_by_source,
-            "max_backlog_bytes": max_backlog, "last_error": st.last_error, "boot_id": shipper.boot_id}
+            "slow_spills": st.slow_spills, "max_flows_in_memory": max_pending,
+            "max_backlog_bytes": max_backlog, "backlog_peak_time": peak_at, "backlog_cleared_time": cleared_at,
+            "last_error": st.last_error, "boot_id": shipper.boot_id}
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,10 +129,29 @@ def live_client(base: str, ws_base: str, seconds: float, token: Optional[str]) -
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     out = {"frames": 0, "flows": 0, "lost_events": 0, "dropped_for_client": 0, "disconnects": 0, "errors": [],
-           "polls": 0, "poll_errors": 0}
+           "polls": 0, "poll_errors": 0, "dashboard_messages": 0}
+
+    def dashboard_live() -> None:
+        """The dashboard page's live map websocket (what an open dashboard holds)."""
+        while not stop.is_set() and time.monotonic() < end:
+            try:
+                with connect(ws_base + "/api/v1/dashboard/live", additional_headers=headers, max_size=None,
+                             open_timeout=10) as ws:
+                    while not stop.is_set() and time.monotonic() < end:
+                        try:
+                            ws.recv(timeout=1.0)
+                        except TimeoutError:
+                            continue
+                        out["dashboard_messages"] += 1
+            except Exception as e:  # noqa: BLE001
+                if stop.is_set() or time.monotonic() >= end or "404" in str(e):
+                    return  # this server has no dashboard
+                out["disconnects"] += 1
+                out["errors"].append(f"dashboard websocket: {type(e).__name__}: {e}"[:200])
+                time.sleep(1)
 
     def poll() -> None:
-        paths = ["/api/v1/status", "/api/v1/nodes", "/api/v1/dashboard/map", "/api/v1/dashboard/status"]
+        paths = ["/api/v1/status", "/api/v1/dashboard/status"]
         with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
             while not stop.wait(5.0):
                 for p in list(paths):
@@ -129,9 +168,11 @@ def live_client(base: str, ws_base: str, seconds: float, token: Optional[str]) -
                         out["errors"].append(f"GET {p}: {r.status_code}")
                     out["polls"] += 1
 
+    end = time.monotonic() + seconds
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    end = time.monotonic() + seconds
+    dash = threading.Thread(target=dashboard_live, daemon=True)
+    dash.start()
     while not stop.is_set() and time.monotonic() < end:
         try:
             with connect(ws_base + "/api/v1/flows/stream?last=0", additional_headers=headers,
@@ -148,7 +189,8 @@ def live_client(base: str, ws_base: str, seconds: float, token: Optional[str]) -
                             out["flows"] += 1
                         elif "lost_events" in it:
                             out["lost_events"] += 1
-                            out["dropped_for_client"] += int(it["lost_events"].get("num_events_lost", 0))
+                            if it["lost_events"].get("source") == "HUBBLE_RING_BUFFER":  # dropped for this client
+                                out["dropped_for_client"] += int(it["lost_events"].get("num_events_lost", 0))
         except Exception as e:  # noqa: BLE001 - counted and reported
             if stop.is_set() or time.monotonic() >= end:
                 break
@@ -157,6 +199,7 @@ def live_client(base: str, ws_base: str, seconds: float, token: Optional[str]) -
             time.sleep(1)
     stop.set()
     poller.join(10)
+    dash.join(10)
     out["errors"] = out["errors"][:20]
     return out
 
@@ -273,13 +316,14 @@ def run(minutes: float, rate: float, db: Optional[str], keep: bool) -> int:
         rss_table[name] = {"start_mib": round(a / 1024, 1), "end_mib": round(b / 1024, 1),
                            "max_mib": round(mx / 1024, 1)}
         print(f"{name:<18}{a / 1024:>9.1f} MiB{b / 1024:>9.1f} MiB{(b - a) / 1024:>+7.1f} MiB{mx / 1024:>7.1f} MiB")
-    lost = gen["lost_queue_full"] + sum(gen["lost_by_source"].values())
+    lost = sum(gen["lost_by_source"].values())  # what the agent reported as LostEvents (queue drops included)
     errors = {"generator_failures": gen["failures"], "generator_lost": lost, "generator_rejected": gen["rejected"],
               "server_error_lines": len(server_errors), "ws_disconnects": live["disconnects"],
               "ws_dropped_for_client": live["dropped_for_client"], "poll_errors": live["poll_errors"],
               "stored_minus_generated": status["num_flows"] - gen["generated"]}
     print("errors: " + ", ".join(f"{k} {v}" for k, v in errors.items()))
-    print(f"live client: {live['frames']:,} frames, {live['flows']:,} flows; {live['polls']} dashboard polls")
+    print(f"live client: {live['frames']:,} frames, {live['flows']:,} flows; dashboard live map "
+          f"{live['dashboard_messages']:,} messages; {live['polls']} status polls")
     for ln in server_errors[:10]:
         print("  server: " + ln[:200])
     path = write_json("soak", {"machine": machine_facts(), "minutes": minutes, "rate": rate, "db": db_url.split("?")[0],
@@ -292,6 +336,85 @@ def run(minutes: float, rate: float, db: Optional[str], keep: bool) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     clean = all(v == 0 for v in errors.values())
     return 0 if clean else 1
+
+
+# --------------------------------------------------------------------------------------------
+# retention: does a retention pass hold up ingest?
+# --------------------------------------------------------------------------------------------
+
+
+def retention_bench(old_rows: int, seconds: float, db: Optional[str]) -> int:
+    """Ingest 1000-flow batches through the real writer process (``api.writer.WriterProcess``), first
+    alone, then while a retention pass deletes ``old_rows`` old flows in its default chunks; print the
+    ingest transaction latencies (p50, p99, max) of both phases and the pass's longest transaction."""
+    import statistics
+
+    from api import migrate
+    from api.db import make_engine
+    from api.retention import Retention, RetentionPolicy
+    from api.samples import sample_flows
+    from api.store import FlowStore, prepare_batch
+    from api.writer import WriterProcess
+    from bench.common import machine_facts, write_json
+
+    tmp = tempfile.mkdtemp(prefix="flowscope-retention-")
+    url = db or f"sqlite:///{tmp}/r.db"
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    store = FlowStore(engine)
+    old = time.time_ns() - 30 * 86400 * 10**9
+    for i in range(0, old_rows, 5000):
+        store.insert_prepared([prepare_batch(sample_flows(5000, seed=i, start_ns=old + i * 1000, step_ns=1000),
+                                             node_name="old")])
+    bodies = [sample_flows(1000, seed=10_000 + i, start_ns=time.time_ns()) for i in range(20)]
+    writer = WriterProcess(url)
+    writer.start()
+
+    def ingest(stop_at: float) -> list[float]:
+        lat = []
+        i = 0
+        while time.monotonic() < stop_at:
+            b = prepare_batch(bodies[i % len(bodies)], node_name="new")
+            t = time.perf_counter()
+            writer.write([b])
+            lat.append(time.perf_counter() - t)
+            i += 1
+            time.sleep(0.02)  # ~40 batches/s: a busy node tier, not a saturated writer
+        return lat
+
+    def stats(lat: list[float]) -> dict[str, float]:
+        q = sorted(lat)
+        return {"n": len(q), "p50_ms": round(statistics.median(q) * 1000, 1),
+                "p99_ms": round(q[int(len(q) * 0.99) - 1] * 1000, 1), "max_ms": round(q[-1] * 1000, 1)}
+
+    alone = stats(ingest(time.monotonic() + seconds))
+    report: dict[str, Any] = {}
+    ret = Retention(engine, RetentionPolicy(max_age_s=7 * 86400, max_bytes=0))
+
+    def run_pass() -> None:
+        r = ret.run_once()
+        report.update(deleted=r.deleted_by_age, transactions=r.transactions, seconds=round(r.seconds, 2),
+                      longest_transaction_ms=round(r.longest_transaction_s * 1000, 1))
+
+    th = threading.Thread(target=run_pass)
+    th.start()
+    during = stats(ingest(time.monotonic() + seconds))
+    th.join()
+    writer.stop()
+    engine.dispose()
+    print(f"retention pass: deleted {report['deleted']:,} flows in {report['transactions']} transactions, "
+          f"{report['seconds']} s, longest transaction {report['longest_transaction_ms']} ms")
+    print(f"ingest latency (1000-flow transactions) alone:           p50 {alone['p50_ms']} ms, p99 {alone['p99_ms']} ms, "
+          f"max {alone['max_ms']} ms (n={alone['n']})")
+    print(f"ingest latency during the retention pass (first {seconds:g} s): p50 {during['p50_ms']} ms, "
+          f"p99 {during['p99_ms']} ms, max {during['max_ms']} ms (n={during['n']})")
+    path = write_json("retention", {"machine": machine_facts(), "old_rows": old_rows, "db": url.split("?")[0],
+                                    "pass": report, "ingest_alone": alone, "ingest_during": during})
+    print(f"results: {path}")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -313,6 +436,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--spool-max-bytes", type=int, default=1 << 30)
     g.add_argument("--max-queue", type=int, default=200_000, help="flows held in memory")
+    rt = sub.add_parser("retention", help="ingest latency while retention deletes old flows")
+    rt.add_argument("--old-rows", type=int, default=200_000)
+    rt.add_argument("--seconds", type=float, default=10.0)
+    rt.add_argument("--db", default=None)
     w = sub.add_parser("ws", help="a live client")
     w.add_argument("--base", required=True)
     w.add_argument("--seconds", type=float, required=True)
@@ -322,6 +449,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(generate(a.server, a.node, a.rate, a.seconds, a.spool_dir, token, a.drain_timeout,
                                   a.batch_size, a.seed, a.spool_max_bytes, a.max_queue)), flush=True)
         return 0
+    if a.cmd == "retention":
+        return retention_bench(a.old_rows, a.seconds, a.db)
     if a.cmd == "ws":
         print(json.dumps(live_client(a.base, "ws" + a.base[4:], a.seconds, token)), flush=True)
         return 0

@@ -8,7 +8,9 @@ only after the commit), so a batch can be sent again whenever its answer is unce
 While the server answers, batches go straight from memory. When a send fails (server down, 5xx, 429,
 timeout, or a refused token — the data is kept, not dropped), that batch and then everything queued
 after it go to the on-disk :class:`probe.spool.Spool` (when one is configured) and are delivered oldest
-first, with exponential backoff and jitter between attempts, before anything new is sent. So flows reach
+first, with exponential backoff and jitter between attempts, before anything new is sent. When the
+server is only slow and more than ``spill_after`` flows (10 batches) pile up in memory, full batches go
+to the spool as well, so the agent's memory stays small either way. So flows reach
 the server in the order they were produced, also across an agent restart (the spool survives it).
 
 Loss happens only when there is no room left: the spool refuses a batch when full, the flows then wait in
@@ -57,6 +59,7 @@ class ShipperStats:
     spooled_batches: int = 0  # batches written to the spool (server slow or down)
     duplicates: int = 0  # batches the server had already stored (an earlier answer was lost)
     rejected: int = 0  # batches the server refused as invalid (their flows are counted as lost)
+    slow_spills: int = 0  # times the memory queue went to the spool because the server was slow
 
 
 class _Counted(msgspec.Struct):
@@ -109,7 +112,7 @@ class Shipper:
                  max_queue: int = 200_000, timeout: float = 10.0, token: Optional[str] = None, *,
                  spool_dir: Optional[str] = None, spool_max_bytes: int = DEFAULT_SPOOL_BYTES,
                  spool_fsync: str = "interval", spool: Optional[Spool] = None, boot_id: Optional[str] = None,
-                 max_backoff: float = 5.0):
+                 max_backoff: float = 5.0, spill_after: Optional[int] = None):
         self.url = server.rstrip("/") + "/api/v1/flows"
         self.node_name = node_name
         self.batch_size = batch_size
@@ -117,6 +120,8 @@ class Shipper:
         self.max_queue = max_queue
         self.timeout = timeout
         self.max_backoff = max_backoff
+        # A slow server: once this many flows wait in memory, full batches go to the spool too.
+        self.spill_after = spill_after if spill_after is not None else 10 * batch_size
         self.boot_id = boot_id or secrets.token_hex(6)
         self._seq = 0
         headers = {"content-type": "application/json", "user-agent": "flowscope-agent"}
@@ -312,6 +317,10 @@ class Shipper:
         if self._backlog_head() is not None:
             self._drain_backlog()
         while True:  # called on the flush timer, on a full batch, or when stopping
+            if self.spool is not None and not final and self.pending() > self.spill_after:
+                self._spill(partial=False)  # the server is slow: memory stays small, the disk takes the rest
+                self.stats.slow_spills += 1
+                return
             body, n = self._next_body()
             if body is None:
                 return

@@ -52,8 +52,10 @@ def outage(tmp_path: Path, *, rate: float, seconds: float, down_at: float, down_
         time.sleep(down_for)
         srv.start()
         back = time.monotonic()
+        back_wall = time.time()
         rep = generator_report(gen, timeout=seconds + 300)
         rep["outage_s"] = round(back - killed, 1)
+        rep["backlog_delivered_s_after_return"] = round(rep["backlog_cleared_time"] - back_wall, 1)
     finally:
         kill_group(gen)
         srv.stop()
@@ -98,6 +100,32 @@ def test_frozen_server_timeouts_are_not_stored_twice(tmp_path):
     assert rep["drained"] and rep["failures"] > 0 and rep["spooled_batches"] > 0, rep
     assert_exactly_once_in_order(db, "edge-2", 1, rep["generated"])
     print(f"\nfrozen 8 s: {rep['failures']} timeouts, {rep['duplicates']} duplicate answers, {rep['generated']} flows")
+
+
+def test_slow_server_spills_to_disk_and_memory_stays_small(tmp_path):
+    """A server that stalls for 2 s out of every 2.3 s (SIGSTOP/SIGCONT), below the shipper's 5 s timeout:
+    nothing fails, but flows pile up; past 10 batches in memory they go to the spool, in order."""
+    db = tmp_path / "s.db"
+    srv = ServerProcess(f"sqlite:///{db}").start()
+    gen = generator(srv.url, "edge-6", rate=4000, seconds=12, spool_dir=str(tmp_path / "spool"), drain_timeout=120)
+    try:
+        time.sleep(1)
+        end = time.monotonic() + 9
+        while time.monotonic() < end:
+            os.killpg(srv.pid, signal.SIGSTOP)
+            time.sleep(2.0)
+            os.killpg(srv.pid, signal.SIGCONT)
+            time.sleep(0.3)
+        rep = generator_report(gen, timeout=240)
+    finally:
+        os.killpg(srv.pid, signal.SIGCONT)
+        kill_group(gen)
+        srv.stop()
+    assert rep["drained"] and rep["slow_spills"] > 0 and rep["spooled_batches"] > 0, rep
+    assert rep["lost_queue_full"] == 0 and not rep["lost_by_source"]
+    assert_exactly_once_in_order(db, "edge-6", 1, rep["generated"])
+    print(f"\nslow server: {rep['slow_spills']} spills, {rep['spooled_batches']} batches spooled, at most "
+          f"{rep['max_flows_in_memory']} flows in memory, {rep['failures']} failed sends")
 
 
 def test_agent_killed_while_the_server_is_down_delivers_its_spool_after_restart(tmp_path):
