@@ -113,6 +113,25 @@ def _ip_is_global(ip: str) -> bool:
         return False
 
 
+def _ip_is_multicast(ip: str) -> bool:
+    if not ip:
+        return False
+    try:
+        a = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return a.is_multicast or ip == "255.255.255.255"
+
+
+_MULTICAST_ARGS = ["--ip", "ff00::/8", "--ip", "224.0.0.0/4", "--ip", "255.255.255.255"]
+EPHEMERAL_PORTS = 32768  # Linux's ip_local_port_range starts here
+
+
+def looks_like_reply(sport: int, dport: int) -> bool:
+    """For a record whose ``is_reply`` is unknown: a service port talking to an ephemeral port."""
+    return 0 < sport < EPHEMERAL_PORTS <= dport
+
+
 class NodeRef:
     """What a map node is: ``key`` (unique), ``kind`` (workload, pod, world, host, reserved, ip),
     namespace, display name, and the ``flowscope observe`` flags that select its flows."""
@@ -152,6 +171,9 @@ def node_ref(ep: Optional[schema.Endpoint], ip: str) -> NodeRef:
         return NodeRef(pod, "pod", ns, ep.pod_name, ["--from-pod", pod], ["--to-pod", pod])
     identity = ep.identity if ep is not None else 0
     labels = ep.labels if ep is not None else []
+    if _ip_is_multicast(ip):  # neighbour discovery, mDNS, ...: not "the world"
+        return NodeRef("multicast", "multicast", "", "multicast", [a.replace("--ip", "--from-ip") for a in _MULTICAST_ARGS],
+                       [a.replace("--ip", "--to-ip") for a in _MULTICAST_ARGS])
     if identity in _RESERVED_NODE or "reserved:host" in labels or "reserved:world" in labels:
         name = _RESERVED_NODE.get(identity) or ("host" if "reserved:host" in labels else "world")
         return NodeRef(name, name, "", name, ["--from-identity", name], ["--to-identity", name])
@@ -410,7 +432,8 @@ class MapAggregator:
         sip, dip = (ip.source, ip.destination) if ip is not None else ("", "")
         src_ep, dst_ep = f.source, f.destination
         proto, sport, dport = _ports(f.l4)
-        if f.is_reply:  # count on the connection's direction: client -> server
+        if f.is_reply or (f.is_reply is None and looks_like_reply(sport, dport)):
+            # count on the connection's direction: client -> server
             src_ep, dst_ep, sip, dip, sport, dport = dst_ep, src_ep, dip, sip, dport, sport
         sref, dref = self._ref(src_ep, sip), self._ref(dst_ep, dip)
         verdict = f.verdict._value_

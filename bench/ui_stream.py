@@ -14,6 +14,11 @@ message accounts for on the map, summed over clients); messages/s per client (ma
 over any one second); bytes/s per client; server CPU (API process + writer process, in cores).
 Goals: >= 100,000 flows/s delivered to the 5 clients, <= 20 messages/s per client, and ingest with
 clients >= 0.8 x ingest without (the dashboard must not slow ingest much).
+
+``--browser`` adds a phase with the real page open in Debian's Chromium (Playwright) while flows arrive
+at a steady ``--browser-rate`` (default 10,000 flows/s) among the 500 endpoints: it prints the page's
+frame rate and frame gaps (requestAnimationFrame), long tasks (PerformanceObserver), how long a tab
+switch and a JavaScript round trip take, and the map's size: whether the page stays interactive.
 """
 
 from __future__ import annotations
@@ -202,6 +207,92 @@ def run_phase(server: Server, bodies: list[bytes], per_body: int, seconds: float
     return out
 
 
+_PERF_JS = """() => { window.__perf = {frames: [], longtasks: []}; let last = performance.now();
+  const tick = (t) => { window.__perf.frames.push(t - last); last = t; requestAnimationFrame(tick); };
+  requestAnimationFrame(tick);
+  new PerformanceObserver((l) => l.getEntries().forEach((e) => window.__perf.longtasks.push(e.duration)))
+    .observe({entryTypes: ['longtask']}); }"""
+
+
+async def _post_paced(url: str, bodies: list[bytes], per_body: int, rate: float, seconds: float) -> int:
+    import httpx
+
+    accepted, i = 0, 0
+    interval = per_body / rate
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers={"content-type": "application/json"}) as c:
+        pending: set = set()
+        while time.perf_counter() - start < seconds:
+            due = start + i * interval
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pending.add(asyncio.ensure_future(c.post("/api/v1/flows", content=bodies[i % len(bodies)])))
+            i += 1
+            done = {t for t in pending if t.done()}
+            for t in done:
+                accepted += t.result().json()["accepted"]
+            pending -= done
+        for r in await asyncio.gather(*pending):
+            accepted += r.json()["accepted"]
+    return accepted
+
+
+def browser_phase(server: Server, bodies: list[bytes], per_body: int, rate: float, seconds: float) -> dict:
+    """The dashboard open in Chromium while flows stream at ``rate``: is the page still interactive?"""
+    import statistics
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = b.new_page(viewport={"width": 1440, "height": 860})
+            page.goto(server.url + "/")
+            page.evaluate(_PERF_JS)
+            result: dict = {}
+
+            def load() -> None:
+                result["accepted"] = asyncio.run(_post_paced(server.url, bodies, per_body, rate, seconds))
+
+            import threading
+
+            t = threading.Thread(target=load)
+            t0 = time.perf_counter()
+            t.start()
+            rtts, switches = [], []
+            views = ["flows", "map", "endpoints", "map"]
+            k = 0
+            while t.is_alive():
+                a = time.perf_counter()
+                page.evaluate("1")
+                rtts.append((time.perf_counter() - a) * 1000)
+                a = time.perf_counter()
+                page.click(f"#tab-{views[k % len(views)]}")
+                page.evaluate("new Promise(r => requestAnimationFrame(() => r(1)))")
+                switches.append((time.perf_counter() - a) * 1000)
+                k += 1
+                time.sleep(0.5)
+            t.join()
+            dt = time.perf_counter() - t0
+            perf = page.evaluate("window.__perf")
+            frames = perf["frames"][5:] or [0.0]
+            size = page.evaluate("[FS.cy.nodes().length, FS.cy.edges().length, FS.model.pods.size, "
+                                 "document.querySelectorAll('#flows-table tbody tr').length]")
+        finally:
+            b.close()
+    long = perf["longtasks"]
+    q = lambda xs, f: sorted(xs)[min(len(xs) - 1, int(f * len(xs)))] if xs else 0.0  # noqa: E731
+    return {"offered": rate, "ingest": result["accepted"] / dt, "fps": len(frames) / dt,
+            "frame_gap_p95_ms": q(frames, 0.95), "frame_gap_max_ms": max(frames),
+            "longtasks": len(long), "longtask_max_ms": max(long, default=0.0),
+            "longtask_share": sum(long) / (dt * 1000), "rtt_p95_ms": q(rtts, 0.95),
+            "tab_switch_p95_ms": q(switches, 0.95), "tab_switch_median_ms": statistics.median(switches or [0]),
+            "map_nodes": size[0], "map_edges": size[1], "pods": size[2], "table_rows": size[3]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -210,6 +301,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--browser", action="store_true", help="also measure the page in Chromium under load")
+    ap.add_argument("--browser-rate", type=float, default=10_000.0)
     args = ap.parse_args()
 
     flows = make_flows(20 * args.batch, args.endpoints)
@@ -231,6 +324,7 @@ def main() -> None:
                 return run
 
             interleave(args.reps, {"none": phase("none"), "clients": phase("clients")})
+            browser = browser_phase(server, bodies, args.batch, args.browser_rate, args.seconds) if args.browser else None
         finally:
             server.stop()
 
@@ -252,13 +346,21 @@ def main() -> None:
         ("server CPU, no clients", cores0, "cores"),
         ("server CPU, with clients", cores1, "cores"),
     ])
+    if browser is not None:
+        print(f"\nThe page in Chromium with {browser['offered']:,.0f} flows/s offered (ingested {browser['ingest']:,.0f}/s), "
+              f"map {browser['map_nodes']} nodes / {browser['map_edges']} edges, {browser['pods']} pods, "
+              f"{browser['table_rows']} table rows:")
+        print(f"  frames {browser['fps']:.0f}/s, frame gap p95 {browser['frame_gap_p95_ms']:.0f} ms (max "
+              f"{browser['frame_gap_max_ms']:.0f} ms); long tasks {browser['longtasks']} (max {browser['longtask_max_ms']:.0f} ms, "
+              f"{browser['longtask_share']:.1%} of the time); JS round trip p95 {browser['rtt_p95_ms']:.0f} ms; "
+              f"tab switch median {browser['tab_switch_median_ms']:.0f} ms, p95 {browser['tab_switch_p95_ms']:.0f} ms")
     ratio = ing1["median"] / ing0["median"] if ing0["median"] else 0.0
     met = deliv["median"] >= GOAL_DELIVERED and mx["max"] <= GOAL_MSGS and ratio >= GOAL_RATIO
     print(f"\nGoals: delivered >= {GOAL_DELIVERED:,}/s: {deliv['median']:,.0f}; <= {GOAL_MSGS} msgs/s per client: "
           f"max {mx['max']:.0f}; ingest ratio >= {GOAL_RATIO}: {ratio:.2f}  ->  {'MET' if met else 'NOT MET'}")
     path = write_json("ui_stream", {"machine": machine_facts(), "args": vars(args), "runs": results,
                                     "delivered": deliv, "msgs_per_s": msgs, "ingest_none": ing0, "ingest_clients": ing1,
-                                    "ingest_ratio": ratio, "server_cores": {"none": cores0, "clients": cores1},
+                                    "ingest_ratio": ratio, "server_cores": {"none": cores0, "clients": cores1}, "browser": browser,
                                     "goals": {"delivered": GOAL_DELIVERED, "msgs": GOAL_MSGS, "ratio": GOAL_RATIO},
                                     "met": met})
     print(f"results: {path}")

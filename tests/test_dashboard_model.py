@@ -199,3 +199,17 @@ def test_ranges_and_verdict_narrowing():
         resolve_range(parse_filter(""), "1m", "1h", "15m", now)
     with pytest.raises(BadRequest, match="invalid time"):
         resolve_range(parse_filter(""), "yesterday-ish", None, "15m", now)
+
+
+def test_multicast_and_unknown_direction_replies():
+    from tests.dashboard_scenario import _ep, _flow, _tcp
+
+    nd = _flow(T0, _ep("api-5d4"), schema.Endpoint(identity=2, labels=["reserved:world"]), "fe80::1", "ff02::2",
+               schema.Layer4(ICMPv6=schema.ICMPv6(type=133)))
+    # a reply seen mid-stream (is_reply unknown): db:5432 -> api:45000 belongs on api -> db
+    mid = _flow(T0, _ep("db-0"), _ep("api-5d4"), "10.2.0.10", "10.1.0.20", _tcp(5432, 45000, ACK=True))
+    a = agg_of([nd, mid])
+    assert set(a.edges) == {("shop/api", "multicast"), ("shop/api", "data/db")}
+    assert a.edges[("shop/api", "data/db")].ports == {"TCP/5432": 1}
+    n = a.nodes["multicast"].to_json()
+    assert n["kind"] == "multicast" and query_from_argv(n["to_args"]).whitelist

@@ -32,7 +32,7 @@
         "font-weight": 600 } },
       { selector: "node.host", style: { shape: "round-rectangle", width: 40, height: 30, "background-color": "#f1f5f9", "border-color": "#475569",
         "font-weight": 600 } },
-      { selector: "node.ip, node.reserved, node.unknown", style: { shape: "diamond", "background-color": "#f8fafc", "border-color": "#94a3b8" } },
+      { selector: "node.ip, node.reserved, node.unknown, node.multicast", style: { shape: "diamond", "background-color": "#f8fafc", "border-color": "#94a3b8" } },
       { selector: "node.namespace", style: {
         shape: "round-rectangle", "background-color": "#f1f5f9", "background-opacity": 0.55, "border-width": 1, "border-style": "dashed",
         "border-color": "#94a3b8", label: "data(label)", "text-valign": "top", "text-halign": "center", "text-margin-y": -4,
@@ -90,6 +90,8 @@
     if (cy.getElementById(id).empty()) cy.add({ group: "nodes", data: { id: id, label: ns, ns: ns, isNs: true }, classes: "namespace" });
   }
   let needLayout = false;
+  let selectedEdge = null;
+  let addedSinceLayout = 0;
   function upsertNode(n) {
     const d = nodeData(n);
     const key = d.data.label + "|" + d.classes + "|" + (d.data.parent || "");
@@ -101,6 +103,7 @@
       const pos = placeNear(n);
       cy.add({ group: "nodes", data: d.data, classes: d.classes, position: pos });
       needLayout = true;
+      addedSinceLayout++;
     } else {
       if ((el.data("parent") || undefined) !== d.data.parent) { el.move({ parent: d.data.parent || null }); }
       el.data("label", d.data.label);
@@ -120,16 +123,17 @@
       const count = (e.classes || {})[cls] || 0;
       const el = cy.getElementById(id);
       if (!count) { if (el.nonempty()) { el.remove(); drawn.delete(id); } continue; }
-      const label = edgeLabel(e, cls);
+      // with labels hidden (big maps), label text changes are not drawn: fewer style updates per tick
+      const label = labelsOn || selectedEdge === e.id ? edgeLabel(e, cls) : "";
       const w = Math.round(weight(count) * 20) / 20;
       const cl = cls + (e.l7 ? " l7" : "") + (labelsOn ? "" : " nolabel");
       const key = label + "|" + w + "|" + cl;
       if (drawn.get(id) === key) continue;
       drawn.set(id, key);
       if (el.empty()) {
-        cy.add({ group: "edges", data: { id: id, source: e.source, target: e.target, cls: cls, label: label, w: w, edge: e.id }, classes: cl });
+        cy.add({ group: "edges", data: { id: id, source: e.source, target: e.target, cls: cls, label: label || edgeLabel(e, cls), w: w, edge: e.id }, classes: cl });
       } else {
-        el.data({ label: label, w: w });
+        if (label) el.data({ label: label, w: w }); else el.data("w", w);
         el.classes(cl);
       }
     }
@@ -152,10 +156,12 @@
     const visible = cy.elements().not(".hidden");
     const n = visible.nodes().length;
     if (!n) return;
+    // big maps get fcose's fast spectral "draft" layout (tens of ms); small ones the refined one
+    const big = n + visible.edges().length / 4 > 120;
     const opts = hasFcose
-      ? { name: "fcose", quality: n > 250 ? "draft" : "default", randomize: !!randomize, animate: false, fit: fit,
+      ? { name: "fcose", quality: big ? "draft" : "default", randomize: big || !!randomize, animate: false, fit: fit,
         padding: 30, nodeSeparation: 90, idealEdgeLength: () => 110, nodeRepulsion: () => 9000, packComponents: true,
-        numIter: n > 250 ? 1200 : 2500, tile: true, nodeDimensionsIncludeLabels: true }
+        numIter: 2500, tile: true, nodeDimensionsIncludeLabels: true }
       : { name: "cose", animate: false, fit: fit, padding: 30, randomize: !!randomize };
     running = visible.layout(opts);
     running.run();
@@ -163,9 +169,14 @@
     if (fit && cy.zoom() > 1.3) { cy.zoom(1.3); cy.center(visible); } // a small map stays readable, not giant
     lastLayout = Date.now();
     needLayout = false;
+    addedSinceLayout = 0;
   }
   function scheduleLayout(fit) {
     if (layoutTimer) return;
+    // a big map is not laid out again for every new node (new nodes start next to their namespace);
+    // only when it grew by a fifth, or on "Re-layout"
+    const n = cy.nodes().length;
+    if (n > 60 && addedSinceLayout < n / 5) return;
     const wait = Math.max(0, 2500 - (Date.now() - lastLayout));
     // keep everything in view unless the user moved the viewport themselves
     layoutTimer = setTimeout(() => { layoutTimer = null; if (isVisible()) runLayout(fit || !userMoved, false); else needLayout = true; }, wait);
@@ -256,7 +267,8 @@
   FS.on("view", (v) => {
     if (v === "map") {
       cy.resize();
-      if (needLayout) runLayout(true, cy.nodes().length > 0 && lastLayout === 0);
+      const n = cy.nodes().length;
+      if (needLayout && (lastLayout === 0 || n <= 60 || addedSinceLayout >= n / 5)) runLayout(!userMoved, lastLayout === 0);
     }
   });
   document.getElementById("map-fit").addEventListener("click", () => { userMoved = false; cy.fit(cy.elements().not(".hidden"), 30); });
@@ -273,7 +285,11 @@
   labelsBox.addEventListener("change", updateLabels);
   let zoomTimer = null;
   cy.on("zoom", () => { if (!zoomTimer) zoomTimer = setTimeout(() => { zoomTimer = null; updateLabels(); }, 150); });
-  cy.on("mouseover", "edge", (ev) => ev.target.addClass("hover"));
+  cy.on("mouseover", "edge", (ev) => {
+    const t = ev.target, e = FS.model.edges.get(t.data("edge"));
+    if (e) t.data("label", edgeLabel(e, t.data("cls")));
+    t.addClass("hover");
+  });
   cy.on("mouseout", "edge", (ev) => ev.target.removeClass("hover"));
 
   // ---- details panel ---------------------------------------------------------------------------
@@ -284,8 +300,8 @@
     selected = { kind: "node", id: n.id() };
     refreshPanel();
   });
-  cy.on("tap", "edge", (ev) => { selected = { kind: "edge", id: ev.target.data("edge") }; refreshPanel(); });
-  cy.on("tap", (ev) => { if (ev.target === cy) { selected = null; refreshPanel(); } });
+  cy.on("tap", "edge", (ev) => { selected = { kind: "edge", id: ev.target.data("edge") }; selectedEdge = selected.id; refreshPanel(); });
+  cy.on("tap", (ev) => { if (ev.target === cy) { selected = null; selectedEdge = null; refreshPanel(); } });
 
   function kv(rows) {
     return '<div class="kv">' + rows.filter(Boolean).map(([k, v]) => "<div>" + FS.esc(k) + "</div><div>" + v + "</div>").join("") + "</div>";
