@@ -263,7 +263,9 @@ class LiveView:
         self.settings = settings
         self.agg = MapAggregator(windowed=True, window_s=settings.window_s)
         self.lock = threading.Lock()
-        self.rows: deque[tuple[int, bytes]] = deque(maxlen=settings.row_ring)  # (seq, envelope)
+        # (seq, body, node_name, time_ns) of the newest matching flows; envelopes are built only for
+        # the rows actually sent
+        self.rows: deque[tuple[int, bytes, str, int]] = deque(maxlen=settings.row_ring)
         self.seq = 0
         self.min_id = min_id
         self.clients: set[_Client] = set()
@@ -289,7 +291,7 @@ class LiveView:
             seq = self.seq
             room = self.rows.maxlen or 0
             for i, it in enumerate(kept[-room:], seq + max(0, len(kept) - room) + 1):
-                self.rows.append((i, schema.envelope_json(it.body, it.node_name, format_time(it.time_ns))))
+                self.rows.append((i, it.body, it.node_name, it.time_ns))
             self.seq = seq + len(kept)
 
     def seed_locked(self, store: FlowStore) -> None:
@@ -304,7 +306,7 @@ class LiveView:
         for r in store.query_rows(rq, max_id=self.min_id):
             self.agg.add(decode(r.body), r.time_ns)
             self.seq += 1
-            self.rows.append((self.seq, schema.envelope_json(r.body, r.node_name, format_time(r.time_ns))))
+            self.rows.append((self.seq, r.body, r.node_name, r.time_ns))
         self.tick_version, self.tick_seq = self.agg.version, self.seq
 
     # read by the event loop (briefly, under the lock)
@@ -330,9 +332,10 @@ class LiveView:
         shown = new_rows[-n_rows:]
         skipped = max(0, matched - len(shown)) if kind == "delta" else 0
         head = orjson.dumps({"type": kind, "version": to_version, "window_s": window_s, "matched": matched,
-                             "shown": len(shown), "row_seqs": [q for q, _ in shown], "map": body,
+                             "shown": len(shown), "row_seqs": [r[0] for r in shown], "map": body,
                              "status": status})
-        envs = b",".join(e for _, e in shown)
+        env = schema.envelope_json
+        envs = b",".join(env(b, node, format_time(t)) for _, b, node, t in shown)
         return head[:-1] + b',"flows":[' + envs + b"]}", to_version, to_seq, skipped
 
 

@@ -209,6 +209,9 @@ def _ports(l4: Optional[schema.Layer4]) -> tuple[str, int, int]:
     return "", 0, 0
 
 
+_PORT_NAMES: dict[tuple[str, int], str] = {}
+
+
 def _int(text: str) -> int:
     return int(text) if text.isdigit() else 0
 
@@ -483,7 +486,11 @@ class MapAggregator:
         if time_ns < e.first_ns:
             e.first_ns = time_ns
         if proto:
-            port = f"{proto}/{dport}" if dport else proto
+            port = _PORT_NAMES.get((proto, dport))
+            if port is None:
+                if len(_PORT_NAMES) > 200_000:
+                    _PORT_NAMES.clear()
+                port = _PORT_NAMES[(proto, dport)] = f"{proto}/{dport}" if dport else proto
             if port in e.ports or len(e.ports) < MAX_PORTS:
                 e.ports[port] = e.ports.get(port, 0) + 1
             else:
