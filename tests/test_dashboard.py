@@ -137,6 +137,10 @@ def test_map_shows_the_topology_with_verdict_colours_and_updates_live(page, serv
     page.evaluate("FS.cy.getElementById('shop/frontend->shop/api|forwarded').emit('tap')")
     panel = page.locator("#map-panel")
     assert "Latency p95" in panel.inner_text() and "Error rate" in panel.inner_text()
+    # the status bar: flows/s, lost events, agents, storage
+    page.wait_for_function("document.getElementById('st-storage').innerText.includes('flows')")
+    assert page.locator("#st-agents").inner_text().startswith("1 / ")
+    assert page.locator("#st-conn").inner_text() == "live"
     shot(page, "map")
 
     # a new dependency appears: it reaches the open page through the batched live stream

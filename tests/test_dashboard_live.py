@@ -73,9 +73,15 @@ def test_flows_drops_policies_status(server):
     assert p["data/data-allow"]["stored"] and p["data/data-allow"]["dropped"] == 100
     assert p["data/data-allow"]["forwarded"] == 200 and p["data/data-allow"]["policy"]["kind"] == "CiliumNetworkPolicy"
     assert p["shop/api-audit"]["stored"] is False and p["shop/api-audit"]["audit"] == 100
+    lost = {"node_name": "node-9", "flows": [], "lost_events": [
+        {"source": "PERF_EVENT_RING_BUFFER", "num_events_lost": "7", "cpu": 1},
+        {"source": "OBSERVER_EVENTS_QUEUE", "num_events_lost": "3"}]}
+    assert httpx.post(server + "/api/v1/flows", json=lost).status_code == 200
+    time.sleep(1.1)  # the status numbers are refreshed at most once a second
     st = httpx.get(server + "/api/v1/dashboard/status").json()
     assert st["stored_flows"] >= 1030 and st["storage_bytes"] > 0
-    assert st["agents"]["known"] >= 1 and "lost_events" in st
+    assert st["lost_events"]["PERF_EVENT_RING_BUFFER"] >= 7 and st["lost_events"]["OBSERVER_EVENTS_QUEUE"] >= 3
+    assert st["agents"]["connected"] >= 2 and {"node-1", "node-9"} <= {n["name"] for n in st["agents"]["nodes"]}
 
 
 def test_live_stream_is_batched_and_counts_every_flow(server):

@@ -54,7 +54,9 @@
     const d = new Date(iso);
     if (isNaN(d)) return iso;
     const frac = (iso.match(/\.(\d{1,3})/) || [, "000"])[1].padEnd(3, "0");
-    return pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds()) + "." + frac;
+    const today = new Date().toDateString() === d.toDateString();
+    const day = today ? "" : d.toLocaleDateString(undefined, { month: "short", day: "numeric" }) + " ";
+    return day + pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds()) + "." + frac;
   };
   FS.fmtNs = function (ns) {
     if (!ns) return "";
