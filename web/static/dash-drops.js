@@ -68,7 +68,7 @@
     polInfo.textContent = policies.length ? "(" + policies.length + ")" : "— none stored or named by flows in this range";
   }
 
-  function showPolicy(ref) {
+  function showPolicy(ref, loaded) {
     const p = policies.find((x) => x.ref === ref);
     polBody.querySelectorAll("tr.highlight").forEach((r) => r.classList.remove("highlight"));
     const tr = [...polBody.rows].find((r) => r.dataset.ref === ref);
@@ -76,7 +76,9 @@
     detail.hidden = false;
     detail.dataset.ref = ref;
     if (!p) {
-      detail.innerHTML = "<h4>" + FS.esc(ref) + '</h4><div class="muted">Loading…</div>';
+      detail.innerHTML = "<h4>" + FS.esc(ref) + '</h4><div class="muted">' + (loaded
+        ? "No policy of this name is stored, and no flow in this range names it."
+        : "Loading…") + "</div>";
       return;
     }
     const spec = p.policy ? '<pre class="json">' + FS.jsonHtml(p.policy) + "</pre>"
@@ -116,8 +118,8 @@
       }
       dropsBody.appendChild(frag);
       document.getElementById("view-drops").dataset.loaded = String(Date.now());
-      if (wanted) { const w = wanted; wanted = null; showPolicy(w); }
-      else if (!detail.hidden && detail.dataset.ref) showPolicy(detail.dataset.ref);
+      if (wanted) { const w = wanted; wanted = null; showPolicy(w, true); }
+      else if (!detail.hidden && detail.dataset.ref) showPolicy(detail.dataset.ref, true);
     } catch (e) {
       info.textContent = "error: " + e.message;
     } finally {
