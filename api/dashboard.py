@@ -273,7 +273,6 @@ class LiveView:
         self.ticker: Optional[asyncio.Task[None]] = None
         self.tick_version = 0
         self.tick_seq = 0
-        self.matched = 0
 
     # fed by the worker thread
     def feed(self, items: list[Any]) -> None:
@@ -309,7 +308,7 @@ class LiveView:
             self.rows.append((self.seq, r.body, r.node_name, r.time_ns))
         self.tick_version, self.tick_seq = self.agg.version, self.seq
 
-    # read by the event loop (briefly, under the lock)
+    # built in a worker thread for the event loop (the lock is held while the records are collected)
     def message(self, kind: str, from_version: int, from_seq: int, status: dict[str, Any]) -> tuple[bytes, int, int, int]:
         """A ``snapshot`` (everything) or ``delta`` message: (body, to_version, to_seq, rows skipped)."""
         n_rows = self.settings.rows_per_tick
@@ -694,8 +693,10 @@ def create_dashboard_router(store: FlowStore, hub: LiveHub, *, writer: Any = Non
     return router, dh
 
 
-def mount(app: Any, request_policy_store: Any = None) -> DashboardHub:
-    """Add the dashboard's routes and its static libraries to ``app`` (made by :func:`api.app.create_app`)."""
+def mount(app: Any, policy_store: Any = None) -> DashboardHub:
+    """Add the dashboard's routes and its static libraries (``/vendor``: ``web/node_modules``) to ``app``
+    (made by :func:`api.app.create_app`); ``policy_store`` defaults to an ``enforcer.store.PolicyStore``
+    on the app's database when that is importable."""
     import os
 
     from fastapi.staticfiles import StaticFiles
@@ -703,7 +704,6 @@ def mount(app: Any, request_policy_store: Any = None) -> DashboardHub:
     import web
 
     st = app.state
-    policy_store = request_policy_store
     if policy_store is None:
         try:
             from enforcer.store import PolicyStore
