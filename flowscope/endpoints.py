@@ -144,12 +144,15 @@ class EndpointStore:
         return out
 
     def version(self) -> tuple[int, int]:
-        """Cheap change detector: (directory mtime ns, entry count)."""
+        """Change detector: (entry count, digest of every record's name and inode). Records are
+        replaced by rename, so any put or delete changes it; a directory mtime alone can miss two
+        changes within one timestamp tick."""
         try:
-            st = self.dir.stat()
-            return st.st_mtime_ns, len(os.listdir(self.dir))
+            entries = sorted((e.name, e.inode()) for e in os.scandir(self.dir)
+                             if e.name.endswith(".json") and not e.name.startswith("."))
         except FileNotFoundError:
             return 0, 0
+        return len(entries), hash(tuple(entries))
 
 
 class EndpointIndex:

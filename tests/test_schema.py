@@ -94,3 +94,17 @@ def test_lost_event_envelope():
                                  b'"node_name":"n1","time":"1970-01-01T00:00:00Z"}')
     ev = schema.LostEvent(source=schema.LostEventSource.OBSERVER_EVENTS_QUEUE, num_events_lost=5, cpu=0)
     assert schema.encode(ev) == b'{"source":"OBSERVER_EVENTS_QUEUE","num_events_lost":"5","cpu":0}'
+
+
+def test_endpoint_store_version_sees_every_change(tmp_path):
+    from flowscope.endpoints import EndpointRecord, EndpointStore
+
+    store = EndpointStore(tmp_path)
+    last = store.version()
+    for i in range(20):  # many changes within one timestamp tick must all be visible
+        store.put(EndpointRecord(container_id=f"c{i % 3}", ips=[f"10.0.0.{i}"]))
+        v = store.version()
+        assert v != last
+        last = v
+    store.delete("c1", "eth0")
+    assert store.version() != last
