@@ -293,6 +293,26 @@ def browser_phase(server: Server, bodies: list[bytes], per_body: int, rate: floa
             "map_nodes": size[0], "map_edges": size[1], "pods": size[2], "table_rows": size[3]}
 
 
+def aggregation_cost(flows: list[schema.Flow], reps: int = 3) -> dict:
+    """Microseconds per flow for one live view to take a flow (what the API process pays per distinct
+    filter, whatever the number of browsers), measured in this process."""
+    from api.dashboard import DashboardSettings, LiveView
+    from api.store import prepare_batch
+    from flowscope.query import FlowQuery
+
+    batch = prepare_batch(flows)
+    batch.first_id = 1
+    times = []
+    for _ in range(reps):
+        view = LiveView("bench", FlowQuery(), DashboardSettings(), 0)
+        t0 = time.perf_counter()
+        items = list(batch.live_items())
+        for i in range(0, len(items), 256):
+            view.feed(items[i:i + 256])
+        times.append((time.perf_counter() - t0) / len(flows) * 1e6)
+    return summary(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -303,13 +323,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--browser", action="store_true", help="also measure the page in Chromium under load")
     ap.add_argument("--browser-rate", type=float, default=10_000.0)
+    ap.add_argument("--browser-only", action="store_true", help="only the browser phase")
     args = ap.parse_args()
+    if args.browser_only:
+        args.browser, args.reps = True, 0
 
     flows = make_flows(20 * args.batch, args.endpoints)
     bodies = [schema.encode({"node_name": "bench-node", "flows": flows[i:i + args.batch]})
               for i in range(0, len(flows), args.batch)]
     print(f"workload: {len(flows):,} distinct flows among {args.endpoints} endpoints, {len(bodies)} bodies of "
           f"{args.batch}; CPU pressure avg10 {cpu_pressure():.1f}%")
+    agg_cost = aggregation_cost(flows)
+    print(f"live aggregation: {agg_cost['median']:.1f} us per flow per live view "
+          f"(= {agg_cost['median'] * 10_000 / 1e6:.0%} of a core at 10,000 flows/s)")
     with tempfile.TemporaryDirectory() as d:
         server = Server(f"sqlite:///{d}/flows.db", writer_process=True)
         try:
@@ -330,6 +356,12 @@ def main() -> None:
 
     def med(kind: str, key: str) -> dict:
         return summary([r[key] for r in results[kind]])
+
+    if args.browser_only:
+        print(json.dumps(browser, indent=2))
+        write_json("ui_stream_browser", {"machine": machine_facts(), "args": vars(args), "browser": browser,
+                                         "aggregation_us_per_flow": agg_cost})
+        return
 
     ing0, ing1 = med("none", "ingest"), med("clients", "ingest")
     print_table("Ingest (flows/s committed)", [("no dashboard clients", ing0, "flows/s"),
@@ -362,6 +394,7 @@ def main() -> None:
     path = write_json("ui_stream", {"machine": machine_facts(), "args": vars(args), "runs": results,
                                     "delivered": deliv, "msgs_per_s": msgs, "ingest_none": ing0, "ingest_clients": ing1,
                                     "ingest_ratio": ratio, "server_cores": {"none": cores0, "clients": cores1}, "browser": browser,
+                                    "aggregation_us_per_flow": agg_cost,
                                     "goals": {"delivered": GOAL_DELIVERED, "msgs": GOAL_MSGS},
                                     "met": met})
     print(f"results: {path}")
