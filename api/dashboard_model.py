@@ -398,7 +398,7 @@ class MapAggregator:
         self.max_edges, self.max_nodes, self.max_pods = max_edges, max_nodes, max_pods
         self.edges: OrderedDict[tuple[str, str], Edge] = OrderedDict()
         self.nodes: OrderedDict[str, Node] = OrderedDict()
-        self.pods: OrderedDict[str, Pod] = OrderedDict()
+        self.pods: OrderedDict[tuple[str, str], Pod] = OrderedDict()  # (namespace, pod name) -> Pod
         self.version = 1
         self.flows = 0  # flows added in total
         self.first_ns = 0
@@ -416,11 +416,13 @@ class MapAggregator:
         return self.version
 
     def _ref(self, ep: Optional[schema.Endpoint], ip: str) -> NodeRef:
+        # a pod is its (namespace, name): its workload and labels do not change under it
         if ep is not None:
-            key: tuple[Any, ...] = (ep.namespace, ep.pod_name, ep.identity, ip if not ep.pod_name else "",
-                                    ep.workloads[0].name if ep.workloads else "", len(ep.labels))
+            pod = ep.pod_name
+            key: tuple[Any, ...] = (ep.namespace, pod) if pod else (
+                ep.namespace, "", ep.identity, ip, ep.labels[0] if ep.labels else "")
         else:
-            key = ("", "", 0, ip, "", 0)
+            key = ("", "", 0, ip, "")
         ref = self._refs.get(key)
         if ref is None:
             if len(self._refs) > 100_000:
@@ -567,7 +569,7 @@ class MapAggregator:
         return n
 
     def _pod(self, ep: schema.Endpoint, ref: NodeRef, ip: str, node_name: str, v: int, time_ns: int) -> Pod:
-        key = f"{ep.namespace}/{ep.pod_name}" if ep.namespace else ep.pod_name
+        key = (ep.namespace, ep.pod_name)
         p = self.pods.get(key)
         if p is None:
             p = self.pods[key] = Pod(ep, ref.key)
