@@ -35,7 +35,7 @@
   function rowHtml(env) {
     const f = env.flow, ip = f.IP || {}, l4 = FS.l4(f);
     const port = l4.dport ? l4.proto + "/" + l4.dport : l4.proto;
-    return "<td>" + FS.esc(FS.fmtTime(env.time || f.time)) + "</td><td>" + FS.esc(FS.endpointName(f.source, ip.source, f.source_names)) +
+    return '<td title="' + FS.esc(env.time || f.time) + '">' + FS.esc(FS.fmtTime(env.time || f.time)) + "</td><td>" + FS.esc(FS.endpointName(f.source, ip.source, f.source_names)) +
       "</td><td>" + FS.esc(FS.endpointName(f.destination, ip.destination, f.destination_names)) + "</td><td>" + FS.esc(port) +
       '</td><td title="' + FS.esc(FS.l7Summary(f)) + '">' + FS.esc(FS.l7Summary(f)) + "</td><td>" + verdictCell(f) + "</td><td>" + dropCell(f) +
       "</td><td>" + FS.esc(env.node_name || f.node_name || "") + "</td>";
