@@ -1,6 +1,6 @@
 """Test helpers for the L7 parsers: pcap → Conversation, and DeepFlow ``.result`` line parsing.
 
-Captures are read in place from ``/work/shared/captures`` (or ``$FLOWSCOPE_CAPTURES``), never copied.
+Captures are read in place from ``shared/captures`` beside the checkout (or ``$FLOWSCOPE_CAPTURES``), never copied.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from probe.l7.config import L7Config
 from probe.l7.conversation import Conversation
 from probe.l7.records import L7Event
 
-CAPTURES = Path(os.environ.get("FLOWSCOPE_CAPTURES", "/work/shared/captures"))
+def _find_captures() -> Path:
+    """``$FLOWSCOPE_CAPTURES``, else ``shared/captures`` beside the checkout (where CI lays it), else the
+    workplace's ``/work/shared/captures``."""
+    if os.environ.get("FLOWSCOPE_CAPTURES"):
+        return Path(os.environ["FLOWSCOPE_CAPTURES"])
+    beside = Path(__file__).resolve().parents[2] / "shared" / "captures"
+    return beside if beside.is_dir() else Path("/work/shared/captures")
+
+
+CAPTURES = _find_captures()
 
 
 @dataclass

@@ -21,30 +21,11 @@ from flowscope.endpoints import EndpointRecord, EndpointStore
 pytestmark = pytest.mark.root
 
 PY = sys.executable
-CAPTURES = Path(os.environ.get("FLOWSCOPE_CAPTURES", "/work/shared/captures"))
+from l7_captures import CAPTURES  # noqa: E402 - shared/captures beside the checkout
 EGRESS, INGRESS = schema.TrafficDirection.EGRESS, schema.TrafficDirection.INGRESS
 
 
-class ListSink:
-    """An in-process consumer of the agent's output (stands where the shipper stands)."""
-
-    def __init__(self):
-        self.flows: list[schema.Flow] = []
-        self.lost: list[tuple[str, int, int | None]] = []
-
-    def start(self):
-        pass
-
-    def put(self, flows):
-        self.flows.extend(flows)
-
-    def report_lost(self, source, n, cpu=None):
-        self.lost.append((source, n, cpu))
-
-    def close(self, deadline_s: float = 0):
-        pass
-
-    stats = None
+from sinks import ListSink  # noqa: E402
 
 
 @dataclass
