@@ -238,7 +238,7 @@ def _free_port() -> int:
 
 
 def run(minutes: float, rate: float, db: Optional[str], keep: bool) -> int:
-    from bench.common import machine_facts, write_json
+    from bench.common import cpu_pressure, machine_facts, write_json
 
     tmp = tempfile.mkdtemp(prefix="flowscope-soak-")
     db_url = db or f"sqlite:///{tmp}/soak.db"
@@ -266,7 +266,7 @@ def run(minutes: float, rate: float, db: Optional[str], keep: bool) -> int:
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
         procs["live client"] = subprocess.Popen(
-            [sys.executable, "-m", "bench.soak", "ws", "--base", base, "--seconds", str(seconds + 30)],
+            [sys.executable, "-m", "bench.soak", "ws", "--base", base, "--seconds", str(seconds + 600)],
             cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
         procs["generator"] = subprocess.Popen(
             [sys.executable, "-m", "bench.soak", "gen", "--server", base, "--node", "soak-node", "--rate", str(rate),
@@ -278,7 +278,7 @@ def run(minutes: float, rate: float, db: Optional[str], keep: bool) -> int:
             pids = {name: p.pid for name, p in procs.items()}
             for i, child in enumerate(children(procs["server"].pid)):
                 pids[f"writer process{'' if i == 0 else f' {i}'}"] = child
-            samples.append({"t": round(time.monotonic() - t0, 1),
+            samples.append({"t": round(time.monotonic() - t0, 1), "cpu_pressure": cpu_pressure(),
                             "rss_kib": {name: rss_kib(pid) for name, pid in pids.items()}})
             if len(samples) % 6 == 0:
                 last = samples[-1]
@@ -322,6 +322,13 @@ def run(minutes: float, rate: float, db: Optional[str], keep: bool) -> int:
               "ws_dropped_for_client": live["dropped_for_client"], "poll_errors": live["poll_errors"],
               "stored_minus_generated": status["num_flows"] - gen["generated"]}
     print("errors: " + ", ".join(f"{k} {v}" for k, v in errors.items()))
+    pressures = [s["cpu_pressure"] for s in samples if s["cpu_pressure"] >= 0]
+    if pressures:
+        print(f"CPU pressure (some, avg10) during the run: median {sorted(pressures)[len(pressures) // 2]:.0f} %, "
+              f"max {max(pressures):.0f} % (other work on the machine)")
+    print(f"generator: {gen['spooled_batches']} batches went through the spool (server behind: "
+          f"{gen['slow_spills']} times), peak backlog {gen['max_backlog_bytes'] / 2**20:.0f} MiB, "
+          f"at most {gen['max_flows_in_memory']:,} flows in memory, drained {gen['drain_seconds']:.0f} s after the end")
     print(f"live client: {live['frames']:,} frames, {live['flows']:,} flows; dashboard live map "
           f"{live['dashboard_messages']:,} messages; {live['polls']} status polls")
     for ln in server_errors[:10]:

@@ -122,6 +122,7 @@ class Shipper:
         self.max_backoff = max_backoff
         # A slow server: once this many flows wait in memory, full batches go to the spool too.
         self.spill_after = spill_after if spill_after is not None else 10 * batch_size
+        self.spill_batch_size = 5 * batch_size
         self.boot_id = boot_id or secrets.token_hex(6)
         self._seq = 0
         headers = {"content-type": "application/json", "user-agent": "flowscope-agent"}
@@ -206,8 +207,8 @@ class Shipper:
 
     # ---------------------------------------------------------------- batches
 
-    def _take_locked(self) -> tuple[list[schema.Flow], list[dict]]:
-        n = min(self.batch_size, len(self._q))
+    def _take_locked(self, size: int = 0) -> tuple[list[schema.Flow], list[dict]]:
+        n = min(size or self.batch_size, len(self._q))
         batch = [self._q.popleft() for _ in range(n)]
         lost, self._lost = self._lost, []
         return batch, lost
@@ -235,17 +236,21 @@ class Shipper:
         """Move what is in memory to the spool, in order, while it has room: full batches, and with
         ``partial`` the rest too."""
         assert self.spool is not None
+        size = self.spill_batch_size  # larger batches: a backlog drains in fewer round trips
         while True:
             with self._lock:
                 if len(self._q) < self.batch_size and not (partial and (self._q or self._lost)):
                     return
-                batch, lost = self._take_locked()
+                batch, lost = self._take_locked(size)
             seq = self._seq
             body = self._encode(batch, lost)
             if not self.spool.append(body):
                 self._seq = seq  # never sent: the id is free again
                 with self._lock:
                     self._giveback_locked(batch, lost)
+                if len(batch) > self.batch_size:
+                    size = self.batch_size  # a nearly full spool may still take a normal batch
+                    continue
                 return
             self.stats.spooled_batches += 1
 

@@ -129,5 +129,7 @@ def test_kill_9_during_ingest_loses_no_acknowledged_batch(tmp_path, victim):
         uuids, check = stored(db)
         assert check == "ok" and len(uuids) == len(set(uuids)) == sum(sent.values()) * BATCH
         assert dup >= n_acked
+        print(f"\nkill -9 of the {victim}: {n_acked} batches acknowledged before, all present; "
+              f"{dup} re-sent batches answered as duplicates; integrity_check ok")
     finally:
         srv.stop()
