@@ -211,9 +211,9 @@ class ForeignLoad:
         mine = descendants(os.getpid(), table)
         own: dict[int, int] = {}
         for pid, (_pp, flags, own_ticks, _t) in table.items():
-            if pid in mine or flags & PF_KTHREAD or pid not in self.table0:
+            if pid in mine or flags & PF_KTHREAD:
                 continue
-            d = own_ticks - self.table0[pid][2]
+            d = own_ticks - (self.table0[pid][2] if pid in self.table0 else 0)  # new: all of it is in the window
             if d > 0:
                 own[pid] = d
         names = []
