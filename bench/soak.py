@@ -8,7 +8,9 @@ Processes, all real:
 * the server: ``flowscope server`` (uvicorn, the writer process, retention with its defaults), on SQLite in
   a temporary directory unless ``--db`` names another database;
 * a generator: ``python -m bench.soak gen``, the agent's real :class:`probe.shipper.Shipper` with its
-  on-disk spool, fed ``--rate`` generated flows per second (unique uuids) in batches of 1000;
+  on-disk spool, fed ``--rate`` generated flows per second (unique uuids) in batches of 1000, between
+  the pods of a cluster-like population (``--pods-per-app 8`` for 9 apps in 4 namespaces, every pod
+  replaced by a new one every 2 minutes, as a rolling deploy would);
 * a live client: ``python -m bench.soak ws``, what an open dashboard holds: the live map websocket
   (``/api/v1/dashboard/live``) and the flow stream (``/api/v1/flows/stream``), plus the status endpoints
   polled every 5 s.
@@ -53,7 +55,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def generate(server: str, node: str, rate: float, seconds: float, spool_dir: Optional[str], token: Optional[str],
              drain_timeout: float, batch_size: int, seed: int, spool_max_bytes: int = 1 << 30,
-             max_queue: int = 200_000) -> dict[str, Any]:
+             max_queue: int = 200_000, pods_per_app: int = 0, rollout_s: float = 120.0) -> dict[str, Any]:
+    """``pods_per_app`` > 0: a cluster-like pod population instead of a new pod name per flow: each app
+    has that many pods, all replaced by new ones (new names) every ``rollout_s`` (a rolling deploy)."""
     from api.samples import sample_flow
     from probe.shipper import Shipper
 
@@ -88,9 +92,15 @@ def generate(server: str, node: str, rate: float, seconds: float, spool_dir: Opt
         if due > 0:
             now = time.time_ns()
             flows = []
+            generation = int(elapsed // rollout_s) if pods_per_app else 0
             for i in range(produced, produced + due):
                 f = sample_flow(rng, now, node)
                 f.uuid = f"{node}:{seed}:{i}"
+                if pods_per_app:
+                    for ep in (f.source, f.destination):
+                        if ep is not None and ep.pod_name:
+                            app = ep.pod_name.rsplit("-", 1)[0]
+                            ep.pod_name = f"{app}-g{generation}-{rng.randrange(pods_per_app)}"
                 flows.append(f)
             shipper.put(flows)
             produced += due
@@ -237,7 +247,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(minutes: float, rate: float, db: Optional[str], keep: bool) -> int:
+def run(minutes: float, rate: float, db: Optional[str], keep: bool, pods_per_app: int = 8) -> int:
     from bench.common import cpu_pressure, machine_facts, write_json
 
     tmp = tempfile.mkdtemp(prefix="flowscope-soak-")
@@ -270,7 +280,8 @@ def run(minutes: float, rate: float, db: Optional[str], keep: bool) -> int:
             cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
         procs["generator"] = subprocess.Popen(
             [sys.executable, "-m", "bench.soak", "gen", "--server", base, "--node", "soak-node", "--rate", str(rate),
-             "--seconds", str(seconds), "--spool-dir", os.path.join(tmp, "spool"), "--drain-timeout", "120"],
+             "--seconds", str(seconds), "--spool-dir", os.path.join(tmp, "spool"), "--drain-timeout", "120",
+             "--pods-per-app", str(pods_per_app), "--rollout", "120"],
             cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
         t0 = time.monotonic()
         samples: list[dict[str, Any]] = []
@@ -432,6 +443,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("--rate", type=float, default=5000.0, help="flows/s")
     r.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in a temporary directory)")
     r.add_argument("--keep", action="store_true", help="keep the work directory (database, logs)")
+    r.add_argument("--pods-per-app", type=int, default=8,
+                   help="pods per app, all replaced every 2 minutes (0: a new pod name for every flow)")
     g = sub.add_parser("gen", help="generate flows through the real shipper")
     g.add_argument("--server", required=True)
     g.add_argument("--node", required=True)
@@ -443,6 +456,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--spool-max-bytes", type=int, default=1 << 30)
     g.add_argument("--max-queue", type=int, default=200_000, help="flows held in memory")
+    g.add_argument("--pods-per-app", type=int, default=0, help="bounded pod population (0: a new pod per flow)")
+    g.add_argument("--rollout", type=float, default=120.0, help="seconds between rolling replacements of all pods")
     rt = sub.add_parser("retention", help="ingest latency while retention deletes old flows")
     rt.add_argument("--old-rows", type=int, default=200_000)
     rt.add_argument("--seconds", type=float, default=10.0)
@@ -454,14 +469,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     token = os.environ.get("FLOWSCOPE_TOKEN") or None
     if a.cmd == "gen":
         print(json.dumps(generate(a.server, a.node, a.rate, a.seconds, a.spool_dir, token, a.drain_timeout,
-                                  a.batch_size, a.seed, a.spool_max_bytes, a.max_queue)), flush=True)
+                                  a.batch_size, a.seed, a.spool_max_bytes, a.max_queue, a.pods_per_app, a.rollout)),
+              flush=True)
         return 0
     if a.cmd == "retention":
         return retention_bench(a.old_rows, a.seconds, a.db)
     if a.cmd == "ws":
         print(json.dumps(live_client(a.base, "ws" + a.base[4:], a.seconds, token)), flush=True)
         return 0
-    return run(a.minutes, a.rate, a.db, a.keep)
+    return run(a.minutes, a.rate, a.db, a.keep, a.pods_per_app)
 
 
 if __name__ == "__main__":

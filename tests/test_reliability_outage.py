@@ -67,7 +67,7 @@ def outage(tmp_path: Path, *, rate: float, seconds: float, down_at: float, down_
 
 
 def test_server_down_5s_at_2000_flows_per_second(tmp_path):
-    rep = outage(tmp_path, rate=2000, seconds=14, down_at=3, down_for=5)
+    rep = outage(tmp_path, rate=2000, seconds=10, down_at=2, down_for=5)
     print(f"\n5 s outage: {rep}")
 
 
@@ -86,9 +86,9 @@ def test_frozen_server_timeouts_are_not_stored_twice(tmp_path):
     as a duplicate. Either way every flow is stored once."""
     db = tmp_path / "f.db"
     srv = ServerProcess(f"sqlite:///{db}").start()
-    gen = generator(srv.url, "edge-2", rate=1500, seconds=16, spool_dir=str(tmp_path / "spool"), drain_timeout=120)
+    gen = generator(srv.url, "edge-2", rate=1500, seconds=12, spool_dir=str(tmp_path / "spool"), drain_timeout=120)
     try:
-        time.sleep(3)
+        time.sleep(2)
         os.killpg(srv.pid, signal.SIGSTOP)
         time.sleep(8)
         os.killpg(srv.pid, signal.SIGCONT)
@@ -107,10 +107,10 @@ def test_slow_server_spills_to_disk_and_memory_stays_small(tmp_path):
     nothing fails, but flows pile up; past 10 batches in memory they go to the spool, in order."""
     db = tmp_path / "s.db"
     srv = ServerProcess(f"sqlite:///{db}").start()
-    gen = generator(srv.url, "edge-6", rate=4000, seconds=12, spool_dir=str(tmp_path / "spool"), drain_timeout=120)
+    gen = generator(srv.url, "edge-6", rate=4000, seconds=9, spool_dir=str(tmp_path / "spool"), drain_timeout=120)
     try:
         time.sleep(1)
-        end = time.monotonic() + 9
+        end = time.monotonic() + 7
         while time.monotonic() < end:
             os.killpg(srv.pid, signal.SIGSTOP)
             time.sleep(2.0)
