@@ -21,7 +21,7 @@ from reliability_env import (IN_CI, PostgresCluster, ServerProcess, generator, g
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 800  # flows/s per agent
-SECONDS = 12.0
+SECONDS = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,9 @@ def test_three_agents_two_api_processes_one_postgres(cluster, tmp_path):
         for node, srv in (("node-1", s1), ("node-2", s2), ("node-3", s2)):
             gens[node] = generator(srv.url, node, rate=RATE, seconds=SECONDS, spool_dir=str(tmp_path / node),
                                    drain_timeout=90, seed=int(node[-1]))
-        time.sleep(4)
-        s2.kill9()  # an API process dies with its writer; node-2 and node-3 spool meanwhile
         time.sleep(3)
+        s2.kill9()  # an API process dies with its writer; node-2 and node-3 spool meanwhile
+        time.sleep(2.5)
         s2.start()
         reports = {node: generator_report(p, timeout=180) for node, p in gens.items()}
     finally:

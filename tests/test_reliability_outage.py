@@ -81,16 +81,16 @@ def test_server_down_60s_at_2000_flows_per_second(tmp_path):
 
 
 def test_frozen_server_timeouts_are_not_stored_twice(tmp_path):
-    """SIGSTOP the server for 8 s: the shipper's requests time out after 5 s and go to the spool. When it
+    """SIGSTOP the server for 7 s: the shipper's requests time out after 5 s and go to the spool. When it
     resumes it may still commit a request whose client gave up; the shipper's copy of it is then answered
     as a duplicate. Either way every flow is stored once."""
     db = tmp_path / "f.db"
     srv = ServerProcess(f"sqlite:///{db}").start()
-    gen = generator(srv.url, "edge-2", rate=1500, seconds=12, spool_dir=str(tmp_path / "spool"), drain_timeout=120)
+    gen = generator(srv.url, "edge-2", rate=1500, seconds=10, spool_dir=str(tmp_path / "spool"), drain_timeout=120)
     try:
         time.sleep(2)
         os.killpg(srv.pid, signal.SIGSTOP)
-        time.sleep(8)
+        time.sleep(7)  # longer than the shipper's 5 s timeout
         os.killpg(srv.pid, signal.SIGCONT)
         rep = generator_report(gen, timeout=240)
     finally:
@@ -99,7 +99,7 @@ def test_frozen_server_timeouts_are_not_stored_twice(tmp_path):
         srv.stop()
     assert rep["drained"] and rep["failures"] > 0 and rep["spooled_batches"] > 0, rep
     assert_exactly_once_in_order(db, "edge-2", 1, rep["generated"])
-    print(f"\nfrozen 8 s: {rep['failures']} timeouts, {rep['duplicates']} duplicate answers, {rep['generated']} flows")
+    print(f"\nfrozen 7 s: {rep['failures']} timeouts, {rep['duplicates']} duplicate answers, {rep['generated']} flows")
 
 
 def test_slow_server_spills_to_disk_and_memory_stays_small(tmp_path):
