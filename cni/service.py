@@ -64,9 +64,8 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         try:
             uid = peer_uid(sock)
-            if uid not in (0, os.geteuid()):
-                sock.sendall(_error(5, "permission denied", f"uid {uid} may not use the CNI service"))
-                return
+            # Read the (bounded) request before answering, also for a peer that will be refused: replying
+            # and closing while it still sends would reset the connection before it reads the error.
             sock.settimeout(REQUEST_TIMEOUT)
             data = bytearray()
             while len(data) <= MAX_REQUEST:
@@ -74,6 +73,9 @@ class _Handler(socketserver.BaseRequestHandler):
                 if not b:
                     break
                 data += b
+            if uid not in (0, os.geteuid()):  # nothing of the request is parsed or executed
+                sock.sendall(_error(5, "permission denied", f"uid {uid} may not use the CNI service"))
+                return
             if len(data) > MAX_REQUEST:
                 sock.sendall(_error(6, "request too large", f"more than {MAX_REQUEST} bytes"))
                 return
