@@ -236,6 +236,25 @@ def cpu_pressure() -> float:
         return -1.0
 
 
+def _pressure_total_us() -> Optional[int]:
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return int(line.split("total=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def quiet_pressure(seconds: float = 3.0) -> float:
+    """CPU pressure ("some", % of wall time) over ``seconds`` while this process sleeps: the load of
+    everything else right now. Unlike avg10 it holds nothing of a benchmark that just ended. -1 unknown."""
+    t0, p0 = time.monotonic(), _pressure_total_us()
+    time.sleep(seconds)
+    p1 = _pressure_total_us()
+    if p0 is None or p1 is None:
+        return -1.0
+    return 100.0 * (p1 - p0) / ((time.monotonic() - t0) * 1e6)
+
+
 # --------------------------------------------------------------------------------------------
 # Profiles
 # --------------------------------------------------------------------------------------------

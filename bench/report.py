@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 MIN_REPS = 5  # a full run measures every figure at least this often
-NOISY_PRESSURE = 10.0  # /proc/pressure/cpu "some" avg10 (%) before a scenario above this: other load
+NOISY_PRESSURE = 10.0  # /proc/pressure/cpu "some" (%) in a quiet window before a scenario above this: other load
 NOISY_FOREIGN_CORES = 0.25  # other processes' average CPU use during a scenario above this: other load
 
 
@@ -147,13 +147,14 @@ class ScenarioResult:
 
 
 def load_verdict(pressure_before: float, pressure_after: float, foreign_cores: Optional[float]) -> dict[str, Any]:
-    """Was the machine busy with other work around a scenario? ``pressure_*`` are avg10 of
-    /proc/pressure/cpu "some" (-1 unknown); ``foreign_cores`` the average CPU (in cores) used by processes
-    outside the benchmark's process tree during it. The benchmark's own load raises the pressure after
-    it, so only the pressure before it and the foreign CPU decide."""
+    """Was the machine busy with other work around a scenario? ``pressure_before`` is the CPU pressure
+    ("some", %) measured while the runner sleeps just before it, ``pressure_after`` avg10 right after it
+    (-1 unknown); ``foreign_cores`` the average CPU (in cores) used by processes outside the benchmark's
+    process tree during it. The benchmark's own load raises the pressure after it, so only the pressure
+    before it and the foreign CPU decide."""
     reasons = []
     if pressure_before > NOISY_PRESSURE:
-        reasons.append(f"CPU pressure avg10 {pressure_before:.0f}% before")
+        reasons.append(f"CPU pressure {pressure_before:.0f}% before")
     if foreign_cores is not None and foreign_cores > NOISY_FOREIGN_CORES:
         reasons.append(f"other processes used {foreign_cores:.2f} cores")
     return {"pressure_before": pressure_before, "pressure_after": pressure_after, "foreign_cores": foreign_cores,
@@ -298,7 +299,7 @@ def render_markdown(results: list[ScenarioResult], machine: dict[str, Any], *, t
         ld = r.load
         if ld:
             fc = ld.get("foreign_cores")
-            lines.append(f"Ran {r.seconds:.0f} s. CPU pressure avg10 before {ld.get('pressure_before', -1):.1f}%, after "
+            lines.append(f"Ran {r.seconds:.0f} s. CPU pressure before (3 s, runner idle) {ld.get('pressure_before', -1):.1f}%, avg10 after "
                          f"{ld.get('pressure_after', -1):.1f}%; other processes' CPU during it "
                          f"{'–' if fc is None else f'{fc:.2f} cores'}"
                          + (f" — **noisy**: {'; '.join(ld.get('reasons', []))}" if r.noisy else "") + ".")

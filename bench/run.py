@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.harness import RESULTS_DIR, BenchOptions, ForeignLoad, SpyRecorder, cpu_pressure, machine_facts
+from bench.harness import (RESULTS_DIR, BenchOptions, ForeignLoad, SpyRecorder, cpu_pressure, machine_facts,
+                           quiet_pressure)
 from bench.report import Figure, Goal, ScenarioResult, load_verdict, render_markdown, render_table, to_json
 
 
@@ -283,7 +284,7 @@ def run_scenario(sc: Scenario, opts: BenchOptions, log=print) -> ScenarioResult:
         r = ScenarioResult(sc.name, sc.title, error="needs root (network namespaces, BPF): run with sudo")
         r.load = load_verdict(cpu_pressure(), cpu_pressure(), None)
         return r
-    before = cpu_pressure()
+    before = quiet_pressure(3.0)  # the others' load now (avg10 would still hold the previous scenario's own)
     foreign = ForeignLoad().start()
     t0 = time.monotonic()
     try:

@@ -119,7 +119,7 @@ def test_markdown_table_and_sections():
     assert "| scan (api/store.py) | 40.0 | query (api/store.py) | 90.0 |" in md
     assert "| run (x.py) | 95.0 |" in md  # the longer column is not cut
     assert "| Churn | (failed) |" in md and "RuntimeError: no lab" in md
-    assert "noisy**: CPU pressure avg10 25% before" in md
+    assert "noisy**: CPU pressure 25% before" in md
     # every table row has the header's number of cells
     table = [ln for ln in render_table(res).splitlines()]
     assert len({ln.count(" | ") for ln in table if not ln.startswith("|---")}) == 1
