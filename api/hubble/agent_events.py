@@ -156,6 +156,20 @@ class AgentEvents:
             self._endpoint_events.extend(out)
             return out
 
+    def max_endpoint_seq(self) -> int:
+        """The newest endpoint event's sequence number (after reading the registry)."""
+        self.refresh_endpoints()
+        with self._lock:
+            return max((it.seq for it in self._endpoint_events), default=0)
+
+    def endpoint_events_after(self, seq: int) -> list[AgentEventItem]:
+        """Endpoint events with a sequence number above ``seq`` (after reading the registry). Followers
+        use this, not refresh_endpoints()'s return value: the background watcher and other followers
+        refresh too, and whoever sees a change first would otherwise take its events from the rest."""
+        self.refresh_endpoints()
+        with self._lock:
+            return [it for it in self._endpoint_events if it.seq > seq]
+
     # ---- policies --------------------------------------------------------------------------
 
     def policy_events(self, *, after_revision: int = 0, since_ns: Optional[int] = None,

@@ -366,14 +366,20 @@ class ObserverService(opb_grpc.ObserverServicer):
             return
         ae = self.agent_events
         last_rev = await _in_thread(ae.last_policy_revision) if request.follow else 0
+        seq_before = await _in_thread(ae.max_endpoint_seq) if request.follow else 0
         items = await _in_thread(ae.history, since_ns, until_ns)
         for it in select_events(items, request.number, request.first, request.follow, since_ns):
             yield _agent_response(it)
         if not request.follow:
             return
+        # Endpoint events carry increasing sequence numbers: everything up to the newest known when the
+        # history was read is history (sent above, or outside the requested range); later ones are new.
+        last_seq = max([seq_before] + [it.seq for it in items])
         while True:
             await asyncio.sleep(0.5)
-            fresh = await _in_thread(ae.refresh_endpoints)
+            fresh = await _in_thread(ae.endpoint_events_after, last_seq)
+            if fresh:
+                last_seq = max(it.seq for it in fresh)
             policies = await _in_thread(lambda: ae.policy_events(after_revision=last_rev))
             if policies:
                 last_rev = policies[-1][0]
