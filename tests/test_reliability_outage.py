@@ -104,10 +104,14 @@ def test_frozen_server_timeouts_are_not_stored_twice(tmp_path):
 
 def test_slow_server_spills_to_disk_and_memory_stays_small(tmp_path):
     """A server that stalls for 2 s out of every 2.3 s (SIGSTOP/SIGCONT), below the shipper's 5 s timeout:
-    nothing fails, but flows pile up; past 10 batches in memory they go to the spool, in order."""
+    nothing fails, but flows pile up; past 10 batches in memory they go to the spool, in order.
+
+    Batches of 200 flows put the spill mark at 2,000 flows: one 2 s stall piles up 8,000 at the nominal
+    rate, so the spill happens even when a loaded machine runs the generator at a quarter of its speed."""
     db = tmp_path / "s.db"
     srv = ServerProcess(f"sqlite:///{db}").start()
-    gen = generator(srv.url, "edge-6", rate=4000, seconds=9, spool_dir=str(tmp_path / "spool"), drain_timeout=120)
+    gen = generator(srv.url, "edge-6", rate=4000, seconds=9, spool_dir=str(tmp_path / "spool"), drain_timeout=120,
+                    batch_size=200)
     try:
         time.sleep(1)
         end = time.monotonic() + 7
