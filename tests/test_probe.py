@@ -306,3 +306,72 @@ def test_monitor_aggregation_flags_limit_records(lab, tmp_path):
     events = {f.flowscope.event for f in tcp_records(sink.flows, dport=8080)}
     assert events and events <= {"new", "close"}, events
     assert "close" in events
+
+
+REUSE_SERVER = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7100))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    c.recv(1)
+    c.sendall(b"y")
+    c.close()
+"""
+
+REUSE_CLIENT = """
+import socket, struct, sys, time
+for i in range(3):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+    s.bind(("0.0.0.0", 40123))
+    s.connect((sys.argv[1], 7100))
+    s.sendall(b"x")
+    s.recv(1)
+    s.close()
+    time.sleep(0.2)
+print("ok")
+"""
+
+
+def test_reused_client_port_starts_a_new_flow_each_time(lab, tmp_path):
+    """Three connections from the same client port, each closed with RST: the kernel entries of a closed
+    connection are still in the map (the agent expires them seconds later), yet every connection is reported
+    as its own ``new`` flow, counted from its SYN, at the client's and at the server's interface."""
+    from probe.agent import Agent, AgentConfig
+
+    client, srv = lab.add("client"), lab.add("server")
+    sink = ListSink()
+    agent = Agent(AgentConfig(interfaces=[client.host_if, srv.host_if], follow_endpoints=False,
+                              state_dir=str(tmp_path), drain_ms=20), shipper=sink)
+    agent.start()
+    p = srv.popen([sys.executable, "-c", REUSE_SERVER], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if srv.exec(["ss", "-ltn", "sport = :7100"], check=False).stdout.count("LISTEN"):
+                break
+            time.sleep(0.1)
+        assert client.exec([sys.executable, "-c", REUSE_CLIENT, srv.ipv4]).stdout.strip() == "ok"
+        pump(agent, 0.3)
+    finally:
+        p.terminate()
+        p.wait(5)
+        agent.close()
+    syns = [f for f in tcp_records(sink.flows, dport=7100)
+            if f.flowscope.event == "new" and f.l4.TCP.source_port == 40123 and f.l4.TCP.flags.SYN
+            and not f.l4.TCP.flags.ACK]
+    by_iface = {}
+    for f in syns:
+        by_iface.setdefault(f.interface.name, []).append(f)
+    assert sorted(by_iface) == sorted([client.host_if, srv.host_if]), by_iface.keys()
+    for name, recs in by_iface.items():
+        assert len(recs) == 3, (name, len(recs))
+        # each one counted from its own first packet
+        assert all(r.flowscope.egress_packets == "1" or r.flowscope.ingress_packets == "1" for r in recs)
+    replies = [f for f in tcp_records(sink.flows, dport=7100)
+               if f.flowscope.event == "new" and f.l4.TCP.destination_port == 40123 and f.l4.TCP.flags.SYN
+               and f.l4.TCP.flags.ACK]
+    assert len(replies) == 6 and all(r.is_reply for r in replies)

@@ -8,6 +8,8 @@
 //   CLOSE   FIN or RST seen for the first time in this direction
 //   UPDATE  the flow is still active UPDATE_NS after its last report (long flows, like Cilium's
 //           monitor aggregation "medium")
+// A SYN on a tuple whose connection has closed (ports are reused within seconds) replaces the old
+// entries with a NEW flow, as a connection tracker re-opens a closed entry.
 // Idle and closed flows are expired by the agent, which drains the map in batches.
 //
 // Loss is counted, never hidden: failed ring buffer submits and failed map inserts go to per-CPU
@@ -519,6 +521,21 @@ account:;
     key.dir = dir;
 
     struct flow_val *v = flows.lookup(&key);
+    // A connection's first SYN (no ACK) on a tuple whose previous connection is over (FIN or RST seen
+    // either way) starts a new flow: clients reuse ports within seconds, long before the agent expires
+    // the closed entries. Both directions of the old connection are forgotten (their close was already
+    // reported), so the new connection is counted from zero and goes through policy again.
+    if (v && key.proto == IPPROTO_TCP && (tcp_flags & 0x12) == 0x02) {
+        struct flow_key okey = {};
+        reverse_key(&key, &okey);
+        struct flow_val *ov = flows.lookup(&okey);
+        if ((v->flags_seen & 0x05) || (ov && (ov->flags_seen & 0x05))) {
+            flows.delete(&key);
+            if (ov)
+                flows.delete(&okey);
+            v = NULL;
+        }
+    }
     if (!v) {
         now = bpf_ktime_get_ns();
         struct flow_val nv = {};
