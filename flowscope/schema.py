@@ -288,7 +288,7 @@ EVENT_L7 = 129
 # --------------------------------------------------------------------------------------------
 
 
-class Message(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+class Message(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=False):
     """Base of every message: proto3 zero values are omitted on output; unknown fields are errors."""
 
 

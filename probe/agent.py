@@ -4,8 +4,11 @@ One loop, three cadences:
   * every ``drain_ms`` (50 ms): drain the ring buffer, build flows, hand them to the shipper;
   * every second: follow interfaces (globs) and registered endpoints, attach/detach, read the
     kernel's loss counters and report increases as LostEvents;
-  * every ``sweep_interval`` (2 s): read the flow map in batches, expire idle and closed flows
-    with a final record carrying their last counters, delete them.
+  * every ``sweep_interval`` (2 s), when a TCP connection has closed since the last sweep (the kernel
+    reported its FIN/RST), and otherwise every ``idle_scan_interval`` (15 s): read the flow map in
+    batches, expire idle and closed flows with a final record carrying their last counters, delete
+    them. Idle timeouts are a minute or more, so a quarter of the shortest one is precise enough for
+    them, and a node whose flows are not closing does not pay for reading its whole map every 2 s.
 
 On SIGINT/SIGTERM it drains, ships what it has, detaches every filter and clsact qdisc it added,
 and exits, leaving the interfaces as it found them.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +32,9 @@ from probe.datapath import Datapath, host_addresses, interface_names, match_inte
 from probe.shipper import Shipper, default_spool_dir
 
 log = logging.getLogger("flowscope.agent")
+
+_VAL_LAST = struct.Struct("<8xQ")      # struct flow_val: last_ns follows first_ns
+_EVENT_TYPE_AT = ev.EVENT.size - 20    # struct event: the byte holding ``type``
 
 
 @dataclass
@@ -46,6 +53,7 @@ class AgentConfig:
     tcp_idle_timeout: float = 300.0
     idle_timeout: float = 60.0
     closed_timeout: float = 2.0
+    idle_scan_interval: float = 15.0                       # full map scan for idle flows (see the module doc)
     flow_entries: int = 65536
     max_queue: int = 200_000
     token: Optional[str] = None
@@ -107,6 +115,9 @@ class Agent:
         self._lost_seen: list[list[int]] = []
         self._builder: Optional[ev.FlowBuilder] = None
         self._closed = False
+        # Until then, sweeps scan every sweep_interval: a TCP close was reported, and the closed flows
+        # are due for expiry closed_timeout later.
+        self._closed_scan_until = 0.0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -135,7 +146,7 @@ class Agent:
         try:
             if self.dp is None:
                 self.start()
-            last_refresh = last_sweep = time.monotonic()
+            last_refresh = last_sweep = last_scan = time.monotonic()
             while not self.stop_event.is_set():
                 self.dp.poll(self.cfg.drain_ms)
                 self._process_raw()
@@ -147,7 +158,9 @@ class Agent:
                     self._account_kernel_loss()
                 if now - last_sweep >= self.cfg.sweep_interval:
                     last_sweep = now
-                    self.sweep()
+                    if now <= self._closed_scan_until or now - last_scan >= self._idle_scan_interval():
+                        last_scan = now
+                        self.sweep()
         finally:
             self.close()
 
@@ -194,10 +207,19 @@ class Agent:
         # Look the list up on every call: _process_raw swaps in a fresh one.
         self._raw.append(raw)
 
+    def _idle_scan_interval(self) -> float:
+        cfg = self.cfg
+        return max(cfg.sweep_interval, min(cfg.idle_scan_interval, cfg.idle_timeout / 4, cfg.tcp_idle_timeout / 4))
+
     def _process_raw(self) -> None:
         raw, self._raw = self._raw, []
         if not raw:
             return
+        t = _EVENT_TYPE_AT
+        for r in reversed(raw):
+            if r[t] == ev.EV_CLOSE:
+                self._closed_scan_until = time.monotonic() + self.cfg.closed_timeout + self.cfg.sweep_interval
+                break
         flows = self._builder.build_raw(raw)  # a policy drop gives two records (verdict + drop)
         self.stats.events += len(raw)
         self._emit(flows)
@@ -215,33 +237,46 @@ class Agent:
             self.on_flows(flows)
 
     def sweep(self) -> int:
-        """Expire idle and closed flows: one final record each, then delete them from the map."""
+        """Expire idle and closed flows: one final record each, then delete them from the map.
+
+        Most entries are decided by their last-seen time alone (one 8-byte read); only TCP entries idle
+        longer than ``closed_timeout`` look at their flags and the reverse direction's."""
         if self.dp is None:
             return 0
         cfg = self.cfg
         now = time.monotonic_ns()
+        closed_ns = int(cfg.closed_timeout * 1e9)
+        tcp_idle_ns = int(cfg.tcp_idle_timeout * 1e9)
+        idle_ns = int(cfg.idle_timeout * 1e9)
+        youngest = min(closed_ns, tcp_idle_ns, idle_ns)
         entries = dict(self.dp.snapshot_flows())
-        expired_keys = []
-        flows = []
+        last_of = _VAL_LAST.unpack_from
+        expired: list[tuple[bytes, bytes, Optional[bytes]]] = []
         for key, val in entries.items():
-            first, last, _rep, _pk, _by, fseen, *_ = ev.VAL.unpack(val)
-            proto = key[41]
-            idle = (now - last) / 1e9
-            rev = entries.get(ev.reverse_key(key))
-            if proto == ev.IPPROTO_TCP:
-                rev_fseen = ev.VAL.unpack(rev)[5] if rev is not None else None
-                closed = ev.tcp_closed(fseen, rev_fseen)
-                if not ((closed and idle >= cfg.closed_timeout) or idle >= cfg.tcp_idle_timeout):
-                    continue
-            elif idle < cfg.idle_timeout:
+            idle = now - last_of(val)[0]
+            if idle < youngest:
                 continue
-            expired_keys.append(key)
-            flows.append(self._builder.build(ev.expire_event(key, val, rev, now)))
-        if expired_keys:
-            self.dp.delete_flows(expired_keys)
-            self.stats.expired += len(expired_keys)
+            if key[41] == ev.IPPROTO_TCP:
+                rev = entries.get(ev.reverse_key(key))
+                if idle < tcp_idle_ns:
+                    if idle < closed_ns:
+                        continue
+                    fseen = val[40] | (val[41] << 8)
+                    rev_fseen = (rev[40] | (rev[41] << 8)) if rev is not None else None
+                    if not ev.tcp_closed(fseen, rev_fseen):
+                        continue
+            else:
+                if idle < idle_ns:
+                    continue
+                rev = entries.get(ev.reverse_key(key))
+            expired.append((key, val, rev))
+        if expired:
+            build, expire_event = self._builder.build, ev.expire_event
+            flows = [build(expire_event(k, v, r, now)) for k, v, r in expired]
+            self.dp.delete_flows([k for k, _v, _r in expired])
+            self.stats.expired += len(expired)
             self._emit(flows)
-        return len(expired_keys)
+        return len(expired)
 
     # ---------------------------------------------------------------- loss accounting
 

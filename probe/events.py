@@ -28,8 +28,6 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Protocol
 
-import msgspec
-
 from flowscope import schema
 from flowscope.endpoints import EndpointIndex
 
@@ -37,6 +35,10 @@ from flowscope.endpoints import EndpointIndex
 KEY = struct.Struct("<16s16sHHIBBBB")                  # 44 bytes
 VAL = struct.Struct("<QQQQQHBBBBBBII")                 # 56 bytes
 EVENT = struct.Struct("<44s4xQQQQQQQHHBBBBIIIBBBB")    # 128 bytes
+# The same event with its key's fields inline (the key's pad byte skipped), in RawEvent's field order:
+# one unpack per event.
+EVENT_FLAT = struct.Struct("<16s16sHHIBBBx4xQQQQQQQHHBBBBIIIBBBB")
+assert EVENT_FLAT.size == EVENT.size
 
 # Constants shared with flow.c.
 DIR_INGRESS, DIR_EGRESS = 1, 2
@@ -89,22 +91,19 @@ class RawEvent:
     is_reply: int
     icmp_type: int
     icmp_code: int
+    pkt_len: int = 0
     # Policy (all 0 when the endpoint has no policy in this direction).
+    policy_id: int = 0               # the deciding policy (enforcer.compiler ids), 0 for none
+    peer_identity: int = 0           # the peer's identity, when a verdict was computed
     verdict: int = VERDICT_NONE      # VERDICT_*
     drop_reason: int = 0             # DROP_POLICY_* for DROPPED and AUDIT
     match_type: int = 0              # Hubble's policy_match_type
     pflags: int = 0                  # PF_*
-    policy_id: int = 0               # the deciding policy (enforcer.compiler ids), 0 for none
-    peer_identity: int = 0           # the peer's identity, when a verdict was computed
-    pkt_len: int = 0
 
 
 def decode_event(raw: bytes) -> RawEvent:
-    (key, ts, first, pk, by, rpk, rby, rfirst, tflags, fseen, typ, reply, it, ic, plen,
-     pid, peer, verdict, reason, mt, pflags) = EVENT.unpack_from(raw)
-    saddr, daddr, sport, dport, ifindex, family, proto, dir_, _ = KEY.unpack(key)
-    return RawEvent(saddr, daddr, sport, dport, ifindex, family, proto, dir_, ts, first, pk, by, rpk, rby,
-                    rfirst, tflags, fseen, typ, reply, it, ic, verdict, reason, mt, pflags, pid, peer, plen)
+    """A kernel event (``struct event``); the fields are in the C layout's order."""
+    return RawEvent(*EVENT_FLAT.unpack_from(raw))
 
 
 def unpack_val(val: bytes) -> tuple:
@@ -143,7 +142,8 @@ def expire_event(key: bytes, val: bytes, rev_val: Optional[bytes], now_mono_ns: 
         reason = DROP_POLICY_DENY if pflags & PF_REASON_DENY else DROP_POLICY_DENIED
     # last_ns comes from the kernel's coarse clock, which may lag first_ns (precise) by up to a jiffy.
     return RawEvent(saddr, daddr, sport, dport, ifindex, family, proto, dir_, max(last, first), first, pk, by,
-                    rpk, rby, rfirst, 0, fseen, EV_EXPIRE, reply, it, ic, verdict, reason, mt, pflags, pid, peer)
+                    rpk, rby, rfirst, 0, fseen, EV_EXPIRE, reply, it, ic, policy_id=pid, peer_identity=peer,
+                    verdict=verdict, drop_reason=reason, match_type=mt, pflags=pflags)
 
 
 def _addr(family: int, raw: bytes) -> str:
@@ -190,6 +190,12 @@ _DROP_TYPES = {r: schema.CiliumEventType(type=schema.EVENT_DROP, sub_type=r) for
 _VERDICTS = {VERDICT_NONE: _FORWARDED, VERDICT_FORWARDED: _FORWARDED, VERDICT_DROPPED: schema.Verdict.DROPPED,
              VERDICT_AUDIT: schema.Verdict.AUDIT}
 _DROPPED = schema.Verdict.DROPPED
+_EVENT_NAMES = [EVENT_NAMES.get(t, str(t)) for t in range(EV_EXPIRE + 1)]
+_EXT = schema.FlowscopeExtension()
+
+
+def _u64(v: int) -> str:
+    return str(v) if v else "0"  # the literal for zero: omitted from JSON as the schema's default
 
 
 class PolicyNames(Protocol):
@@ -211,7 +217,9 @@ class FlowBuilder:
 
     ``clock_offset_ns`` converts the kernel's monotonic timestamps to wall-clock time.
     What does not change during a flow's life (addresses, endpoints, interface, non-TCP L4) is built
-    once per flow key and shared by its records; shared sub-objects are never mutated.
+    once per flow key, as a template record that each event's record is a shallow copy of; shared
+    sub-objects are never mutated. The copies skip the schema's input normalisation (``__post_init__``):
+    every value set here is already in canonical form (this is the agent's per-event hot path).
     """
 
     def __init__(self, node_name: str, index: EndpointIndex, ifnames: dict[int, str],
@@ -280,60 +288,62 @@ class FlowBuilder:
                 src_ep = owner.to_hubble()
             elif e.dir == DIR_INGRESS and _link_scoped(dst):
                 dst_ep = owner.to_hubble()
-        return (ip, src_ep, dst_ep, iface, l4, summary)
+        return schema.Flow(emitter=self._emitter, verdict=_FORWARDED, IP=ip, l4=l4, source=src_ep,
+                           destination=dst_ep, Type=_L3_L4, node_name=self.node_name, interface=iface,
+                           Summary=summary)
 
     def build(self, e: RawEvent) -> schema.Flow:
-        ck = (e.saddr, e.daddr, e.sport, e.dport, e.proto, e.ifindex, e.icmp_type, e.icmp_code)
-        st = self._cache.get(ck)
-        if st is None:
+        ck = (e.saddr, e.daddr, e.sport, e.dport, e.proto, e.ifindex, e.dir, e.icmp_type, e.icmp_code)
+        base = self._cache.get(ck)
+        if base is None:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
-            st = self._cache[ck] = self._static(e)
-        ip, src_ep, dst_ep, iface, l4, summary = st
+            base = self._cache[ck] = self._static(e)
+        f = base.__copy__()
         if e.proto == IPPROTO_TCP:
             bits = e.tcp_flags & 0x1FF
-            l4 = schema.Layer4(TCP=schema.TCP(source_port=e.sport, destination_port=e.dport, flags=_TCP_FLAGS[bits]))
-            summary = _TCP_SUMMARY[bits or (e.flags_seen & 0x1FF)]
+            f.l4 = schema.Layer4(TCP=schema.TCP(source_port=e.sport, destination_port=e.dport,
+                                                flags=_TCP_FLAGS[bits]))
+            f.Summary = _TCP_SUMMARY[bits or (e.flags_seen & 0x1FF)]
 
-        is_reply = None if e.is_reply == REPLY_UNKNOWN else e.is_reply == REPLY_YES
+        reply = e.is_reply
+        is_reply = None if reply == REPLY_UNKNOWN else reply == REPLY_YES
         from_endpoint = e.dir == DIR_EGRESS
         # Cilium's rule: the direction of the *connection* from the endpoint's view; replies flip it.
-        direction = _EGRESS if from_endpoint != (is_reply is True) else _INGRESS
+        direction = _EGRESS if from_endpoint != (reply == REPLY_YES) else _INGRESS
+        ext = _EXT.__copy__()
+        ext.event = _EVENT_NAMES[e.type] if e.type <= EV_EXPIRE else str(e.type)
         if from_endpoint:
-            egress_p, egress_b, ingress_p, ingress_b = e.packets, e.bytes, e.rev_packets, e.rev_bytes
+            ext.egress_packets, ext.egress_bytes = _u64(e.packets), _u64(e.bytes)
+            ext.ingress_packets, ext.ingress_bytes = _u64(e.rev_packets), _u64(e.rev_bytes)
         else:
-            egress_p, egress_b, ingress_p, ingress_b = e.rev_packets, e.rev_bytes, e.packets, e.bytes
+            ext.egress_packets, ext.egress_bytes = _u64(e.rev_packets), _u64(e.rev_bytes)
+            ext.ingress_packets, ext.ingress_bytes = _u64(e.packets), _u64(e.bytes)
+        ts = e.ts_ns
         start = min(e.first_ns, e.rev_first_ns) if e.rev_first_ns else e.first_ns
         off = self.clock_offset_ns
-        now = schema.format_timestamp(e.ts_ns + off)
-        ext = schema.FlowscopeExtension(
-            event=EVENT_NAMES.get(e.type, str(e.type)),
-            egress_packets=str(egress_p), egress_bytes=str(egress_b),
-            ingress_packets=str(ingress_p), ingress_bytes=str(ingress_b),
-            flow_start=schema.format_timestamp(start + off), flow_end=now,
-        )
-        if not e.verdict:  # no policy in this direction: the common case stays lean
-            return schema.Flow(
-                time=now, uuid=self.uuid(), emitter=self._emitter, verdict=_FORWARDED, IP=ip, l4=l4,
-                source=src_ep, destination=dst_ep, Type=_L3_L4, node_name=self.node_name,
-                event_type=_TRACE_FROM if from_endpoint else _TRACE_TO, traffic_direction=direction,
-                trace_observation_point=_FROM_EP if from_endpoint else _TO_EP, is_reply=is_reply,
-                interface=iface, Summary=summary, flowscope=ext,
-            )
-        if e.type == EV_DROP:
-            event_type = _DROP_TYPES.get(e.drop_reason) or schema.CiliumEventType(type=schema.EVENT_DROP,
-                                                                                  sub_type=e.drop_reason)
-        elif e.type == EV_NEW and e.pflags & PF_VERDICT and not e.pflags & PF_CT_REPLY:
-            event_type = _POLICY_VERDICT
+        now = schema.format_timestamp(ts + off)
+        ext.flow_end = now
+        ext.flow_start = now if start == ts else schema.format_timestamp(start + off)
+        f.time = now
+        f.uuid = self.uuid()
+        f.traffic_direction = direction
+        f.is_reply = is_reply
+        f.flowscope = ext
+        if from_endpoint:
+            f.event_type, f.trace_observation_point = _TRACE_FROM, _FROM_EP
         else:
-            event_type = _TRACE_FROM if from_endpoint else _TRACE_TO
-        return schema.Flow(
-            time=now, uuid=self.uuid(), emitter=self._emitter, IP=ip, l4=l4,
-            source=src_ep, destination=dst_ep, Type=_L3_L4, node_name=self.node_name,
-            event_type=event_type, traffic_direction=direction,
-            trace_observation_point=_FROM_EP if from_endpoint else _TO_EP, is_reply=is_reply,
-            interface=iface, Summary=summary, flowscope=ext, **self._policy_fields(e, direction),
-        )
+            f.event_type, f.trace_observation_point = _TRACE_TO, _TO_EP
+        if not e.verdict:  # no policy in this direction: the common case stays lean
+            return f
+        if e.type == EV_DROP:
+            f.event_type = _DROP_TYPES.get(e.drop_reason) or schema.CiliumEventType(type=schema.EVENT_DROP,
+                                                                                    sub_type=e.drop_reason)
+        elif e.type == EV_NEW and e.pflags & PF_VERDICT and not e.pflags & PF_CT_REPLY:
+            f.event_type = _POLICY_VERDICT
+        for name, value in self._policy_fields(e, direction).items():
+            setattr(f, name, value)
+        return f
 
     def _policy_fields(self, e: RawEvent, direction: schema.TrafficDirection) -> dict:
         """verdict, drop reason (DROPPED only, as ``Decision.flow_fields``), match type and the deciding
@@ -371,7 +381,9 @@ class FlowBuilder:
         for e in events:
             f = build(e)
             if e.type == EV_DROP:
-                out.append(msgspec.structs.replace(f, uuid=self.uuid(), event_type=_POLICY_VERDICT))
+                verdict = f.__copy__()
+                verdict.uuid, verdict.event_type = self.uuid(), _POLICY_VERDICT
+                out.append(verdict)
             out.append(f)
         return out
 
