@@ -43,9 +43,10 @@ from flowscope.query import FlowQuery, QueryError, ResolvedQuery, query_from_jso
 from . import migrate
 from .db import make_engine
 from .ingest import IngestBatch, IngestError, decode_ingest
-from .live import LiveHub, Subscriber, lost_envelope_bytes
+from .live import LiveHub, Subscriber, filter_key, lost_envelope_bytes
 from .store import FlowStore, format_time
 from .writer import BatchWriter, WriterClosed, default_process_writer
+from .wscompress import COMPRESS_PARAM, stream_compression_requested
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +182,14 @@ def _history_chunks(store: FlowStore, rq: ResolvedQuery, size: int, max_id: Opti
         yield buf
 
 
-def _take_live(sub: Subscriber) -> list[bytes]:
-    items, dropped = sub.take()
+def _take_live(sub: Subscriber, sep: bytes) -> bytes:
+    """Everything queued for ``sub`` joined by ``sep`` (the bytes shared with subscribers of the same
+    filter), after a ``lost_events`` envelope for what was dropped since the previous take; b"" if none."""
+    data, _, dropped = sub.take_joined(sep)
     if dropped:
-        items.insert(0, lost_envelope_bytes("HUBBLE_RING_BUFFER", dropped, time_ns=time.time_ns()))
-    return items
+        lost = lost_envelope_bytes("HUBBLE_RING_BUFFER", dropped, time_ns=time.time_ns())
+        data = lost + sep + data if data else lost
+    return data
 
 
 def _resolve(q: FlowQuery) -> ResolvedQuery:
@@ -339,9 +343,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                         yield b"\n".join(chunk) + b"\n"
                 while True:
                     await sub.wait()
-                    items = _take_live(sub)
-                    if items:
-                        yield b"\n".join(items) + b"\n"
+                    data = _take_live(sub, b"\n")
+                    if data:
+                        yield data + b"\n"
             finally:
                 sub.close()
         return StreamingResponse(follow_lines(), media_type=NDJSON)
@@ -349,8 +353,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     async def _subscribe(rq: ResolvedQuery) -> Subscriber:
         match = None if rq.filters.matches_all else rq.filters.match
         loop = asyncio.get_running_loop()
+        key = filter_key(rq.filters.whitelist, rq.filters.blacklist)  # equal filters share their frames
         return await run_in_threadpool(hub.subscribe, match, max_queue=settings.stream_queue_size,
-                                       last_id=store.last_id, loop=loop)
+                                       last_id=store.last_id, loop=loop, key=key)
 
     @app.get(
         "/api/v1/flows", tags=["flows"], summary="Query stored flows (NDJSON)",
@@ -379,7 +384,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @app.websocket("/api/v1/flows/stream")
     async def stream(ws: WebSocket) -> None:
         try:
-            q = query_from_params([(k, v) for k, v in ws.query_params.multi_items()])
+            params = ws.query_params.multi_items()
+            stream_compression_requested(params)  # ``compress``: the handshake's (api.wscompress)
+            q = query_from_params([(k, v) for k, v in params if k != COMPRESS_PARAM])
             rq = _resolve(msgspec.structs.replace(q, follow=True))
         except QueryError as e:
             await ws.accept()
@@ -402,9 +409,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                 delay = next_at - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                items = _take_live(sub)
-                if items:
-                    await ws.send_text(_frame(items))
+                data = _take_live(sub, b",")
+                if data:
+                    await ws.send_text(b"".join((b"[", data, b"]")).decode())
                 next_at = loop.time() + interval
 
         async def until_closed() -> None:

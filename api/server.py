@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from typing import Any, Optional
 
 import uvicorn
@@ -12,6 +13,7 @@ from fastapi import FastAPI
 from . import migrate
 from .app import Settings, create_app
 from .db import make_engine, resolve_url
+from .wscompress import uvicorn_ws_options
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +34,22 @@ def build_app(db_url: Optional[str] = None, **settings: Any) -> FastAPI:
 
 
 def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",
-          **settings: Any) -> None:
+          ws_compression: Optional[str] = None, **settings: Any) -> None:
     """Apply migrations, then serve the API with uvicorn until interrupted.
 
     API tokens are required when ``host`` is not a loopback address (``auth_required=True`` requires them
-    on loopback too; ``False`` beyond loopback is refused)."""
+    on loopback too; ``False`` beyond loopback is refused).
+
+    ``ws_compression`` (default ``$FLOWSCOPE_WS_COMPRESSION`` or ``auto``): which websockets negotiate
+    permessage-deflate, see :mod:`api.wscompress` (``auto``: all but the flow stream, which compresses
+    only with ``?compress=true``; ``on``; ``off``)."""
     from .auth import is_loopback_host, log_startup_hint
+
+    mode = (ws_compression or os.environ.get("FLOWSCOPE_WS_COMPRESSION") or "auto").strip().lower()
+    try:
+        ws_options = uvicorn_ws_options(mode)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
     auth = settings.pop("auth_required", None)
     if auth is None:
@@ -57,4 +69,4 @@ def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 808
     log_startup_hint(app.state.auth, engine.url.render_as_string(hide_password=True))
     tune_gc()
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                ws_ping_interval=20, ws_ping_timeout=20)
+                ws_ping_interval=20, ws_ping_timeout=20, **ws_options)
