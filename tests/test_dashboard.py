@@ -88,7 +88,7 @@ def page(browser, server):
     pg = ctx.new_page()
     pg.on("websocket", lambda ws: requests.append(ws.url))
     pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.set_default_timeout(15_000)
+    pg.set_default_timeout(45_000)  # a wait, not a speed check: CI machines may be busy
     try:
         yield pg
     finally:
@@ -110,7 +110,7 @@ def edge_state(pg, edge_id: str):
                                    source: e.data('source'), target: e.data('target')}; }""", edge_id)
 
 
-def wait_edge(pg, edge_id: str, timeout: float = 15_000) -> None:
+def wait_edge(pg, edge_id: str, timeout: float = 45_000) -> None:
     pg.wait_for_function("(id) => window.FS && FS.cy && FS.cy.getElementById(id).nonempty()", arg=edge_id, timeout=timeout)
 
 
