@@ -234,7 +234,8 @@ class FlowBuilder:
         self.clock_offset_ns = clock_offset_ns
         self.uuid = uuid_source or UuidSource()
         self._emitter = schema.Emitter(name="Flowscope", version=emitter_version) if emitter_version else None
-        self._cache: dict[tuple, tuple] = {}
+        self._cache: dict[tuple, schema.Flow] = {}       # flow key -> template (non-TCP)
+        self._addr_cache: dict[tuple, schema.Flow] = {}  # addresses, interface, direction -> template
         self._cache_size = cache_size
 
     # Enrichment sources can be replaced at any time; cached parts built from them are dropped.
@@ -246,6 +247,7 @@ class FlowBuilder:
     def index(self, value: EndpointIndex) -> None:
         self._index = value
         self._cache.clear()
+        self._addr_cache.clear()
 
     @property
     def ifnames(self) -> dict[int, str]:
@@ -255,27 +257,13 @@ class FlowBuilder:
     def ifnames(self, value: dict[int, str]) -> None:
         self._ifnames = value
         self._cache.clear()
+        self._addr_cache.clear()
 
-    def _static(self, e: RawEvent) -> tuple:
+    def _addresses(self, e: RawEvent) -> schema.Flow:
+        """The template of every record between these addresses on this interface in this direction:
+        IP, endpoints, interface (the same for all ports: new flows between known pods hit it)."""
         src = _addr(e.family, e.saddr)
         dst = _addr(e.family, e.daddr)
-        proto = e.proto
-        l4: Optional[schema.Layer4] = None
-        summary = ""
-        if proto == IPPROTO_UDP:
-            l4 = schema.Layer4(UDP=schema.UDP(source_port=e.sport, destination_port=e.dport))
-            summary = "UDP"
-        elif proto == IPPROTO_SCTP:
-            l4 = schema.Layer4(SCTP=schema.SCTP(source_port=e.sport, destination_port=e.dport))
-            summary = "SCTP"
-        elif proto == IPPROTO_ICMP:
-            l4 = schema.Layer4(ICMPv4=schema.ICMPv4(type=e.icmp_type, code=e.icmp_code))
-            summary = "ICMPv4 " + ICMP4_NAMES.get(e.icmp_type, f"Type{e.icmp_type}")
-        elif proto == IPPROTO_ICMPV6:
-            l4 = schema.Layer4(ICMPv6=schema.ICMPv6(type=e.icmp_type, code=e.icmp_code))
-            summary = "ICMPv6 " + ICMP6_NAMES.get(e.icmp_type, f"Type{e.icmp_type}")
-        elif proto != IPPROTO_TCP:
-            summary = f"IP protocol {proto}"
         ip = schema.IP(source=src, destination=dst, ipVersion=_IPV4 if e.family == 4 else _IPV6)
         iface = schema.NetworkInterface(index=e.ifindex, name=self._ifnames.get(e.ifindex, ""))
         src_ep = self._index.endpoint_for_ip(src)
@@ -288,17 +276,48 @@ class FlowBuilder:
                 src_ep = owner.to_hubble()
             elif e.dir == DIR_INGRESS and _link_scoped(dst):
                 dst_ep = owner.to_hubble()
-        return schema.Flow(emitter=self._emitter, verdict=_FORWARDED, IP=ip, l4=l4, source=src_ep,
-                           destination=dst_ep, Type=_L3_L4, node_name=self.node_name, interface=iface,
-                           Summary=summary)
+        return schema.Flow(emitter=self._emitter, verdict=_FORWARDED, IP=ip, source=src_ep, destination=dst_ep,
+                           Type=_L3_L4, node_name=self.node_name, interface=iface)
+
+    def _static(self, e: RawEvent) -> schema.Flow:
+        """The template of a flow's records: its addresses' template with its L4 (TCP's L4 carries the
+        packet's flags, so it is set per record)."""
+        ak = (e.saddr, e.daddr, e.family, e.ifindex, e.dir)
+        base = self._addr_cache.get(ak)
+        if base is None:
+            if len(self._addr_cache) >= self._cache_size:
+                self._addr_cache.clear()
+            base = self._addr_cache[ak] = self._addresses(e)
+        proto = e.proto
+        if proto == IPPROTO_TCP:
+            return base
+        f = base.__copy__()
+        if proto == IPPROTO_UDP:
+            f.l4 = schema.Layer4(UDP=schema.UDP(source_port=e.sport, destination_port=e.dport))
+            f.Summary = "UDP"
+        elif proto == IPPROTO_SCTP:
+            f.l4 = schema.Layer4(SCTP=schema.SCTP(source_port=e.sport, destination_port=e.dport))
+            f.Summary = "SCTP"
+        elif proto == IPPROTO_ICMP:
+            f.l4 = schema.Layer4(ICMPv4=schema.ICMPv4(type=e.icmp_type, code=e.icmp_code))
+            f.Summary = "ICMPv4 " + ICMP4_NAMES.get(e.icmp_type, f"Type{e.icmp_type}")
+        elif proto == IPPROTO_ICMPV6:
+            f.l4 = schema.Layer4(ICMPv6=schema.ICMPv6(type=e.icmp_type, code=e.icmp_code))
+            f.Summary = "ICMPv6 " + ICMP6_NAMES.get(e.icmp_type, f"Type{e.icmp_type}")
+        else:
+            f.Summary = f"IP protocol {proto}"
+        return f
 
     def build(self, e: RawEvent) -> schema.Flow:
-        ck = (e.saddr, e.daddr, e.sport, e.dport, e.proto, e.ifindex, e.dir, e.icmp_type, e.icmp_code)
-        base = self._cache.get(ck)
-        if base is None:
-            if len(self._cache) >= self._cache_size:
-                self._cache.clear()
-            base = self._cache[ck] = self._static(e)
+        if e.proto == IPPROTO_TCP:
+            base = self._addr_cache.get((e.saddr, e.daddr, e.family, e.ifindex, e.dir)) or self._static(e)
+        else:
+            ck = (e.saddr, e.daddr, e.sport, e.dport, e.proto, e.ifindex, e.dir, e.icmp_type, e.icmp_code)
+            base = self._cache.get(ck)
+            if base is None:
+                if len(self._cache) >= self._cache_size:
+                    self._cache.clear()
+                base = self._cache[ck] = self._static(e)
         f = base.__copy__()
         if e.proto == IPPROTO_TCP:
             bits = e.tcp_flags & 0x1FF
