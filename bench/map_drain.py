@@ -50,7 +50,7 @@ def fill(dp, n: int, seed: int = 1) -> int:
         k = ev.KEY.pack(src, dst, 32768 + i % 28000, (80, 443, 53, 8080)[i % 4], 100 + i % 8, 2, proto, i % 2, 0)
         first = now - rng.randrange(1, 300) * 1_000_000_000
         v = ev.VAL.pack(first, first + rng.randrange(0, 10**9), first, rng.randrange(1, 10**4),
-                        rng.randrange(64, 10**7), 0x12, 0, 0, 0, 0, 0, 0, 0, 0)
+                        rng.randrange(64, 10**7), 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         ct.memmove(ct.byref(keys[i]), k, ev.KEY.size)
         ct.memmove(ct.byref(vals[i]), v, ev.VAL.size)
     try:

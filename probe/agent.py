@@ -87,7 +87,8 @@ class FlowSource(Protocol):
 class AgentStats:
     events: int = 0
     flows: int = 0
-    expired: int = 0
+    expired: int = 0            # flow-map entries removed by the sweep
+    expired_quiet: int = 0      # ... of which without a final record (nothing new since their last event)
     kernel_lost: int = 0
     map_insert_failures: int = 0
 
@@ -237,7 +238,8 @@ class Agent:
             self.on_flows(flows)
 
     def sweep(self) -> int:
-        """Expire idle and closed flows: one final record each, then delete them from the map.
+        """Expire idle and closed flows: a final record for each that saw packets after its last event
+        (the others' last record already has their final counters), then delete them from the map.
 
         Most entries are decided by their last-seen time alone (one 8-byte read); only TCP entries idle
         longer than ``closed_timeout`` look at their flags and the reverse direction's."""
@@ -271,11 +273,13 @@ class Agent:
                 rev = entries.get(ev.reverse_key(key))
             expired.append((key, val, rev))
         if expired:
-            build, expire_event = self._builder.build, ev.expire_event
-            flows = [build(expire_event(k, v, r, now)) for k, v, r in expired]
+            build, expire_event, quiet = self._builder.build, ev.expire_event, ev.reported_in_full
+            flows = [build(expire_event(k, v, r, now)) for k, v, r in expired if not quiet(v)]
             self.dp.delete_flows([k for k, _v, _r in expired])
             self.stats.expired += len(expired)
-            self._emit(flows)
+            self.stats.expired_quiet += len(expired) - len(flows)
+            if flows:
+                self._emit(flows)
         return len(expired)
 
     # ---------------------------------------------------------------- loss accounting

@@ -33,7 +33,7 @@ from flowscope.endpoints import EndpointIndex
 
 # --- layouts (little-endian, natural alignment as clang lays the C structs out) ---------------
 KEY = struct.Struct("<16s16sHHIBBBB")                  # 44 bytes
-VAL = struct.Struct("<QQQQQHBBBBBBII")                 # 56 bytes
+VAL = struct.Struct("<QQQQQHBBBBBBIIQ")                # 64 bytes
 EVENT = struct.Struct("<44s4xQQQQQQQHHBBBBIIIBBBB")    # 128 bytes
 # The same event with its key's fields inline (the key's pad byte skipped), in RawEvent's field order:
 # one unpack per event.
@@ -108,8 +108,18 @@ def decode_event(raw: bytes) -> RawEvent:
 
 def unpack_val(val: bytes) -> tuple:
     """``(first_ns, last_ns, report_ns, packets, bytes, flags_seen, is_reply, icmp_type, icmp_code,
-    verdict, match_type, pflags, policy_id, peer_identity)`` of a flow-map value."""
+    verdict, match_type, pflags, policy_id, peer_identity, report_packets)`` of a flow-map value."""
     return VAL.unpack(val)
+
+
+_VAL_PACKETS = struct.Struct("<24xQ24xQ")  # packets, report_packets
+
+
+def reported_in_full(val: bytes) -> bool:
+    """No packet has passed since the flow's last event (its packet count then equals the count now):
+    a final record for the entry would repeat what that event already said."""
+    packets, reported = _VAL_PACKETS.unpack_from(val)
+    return packets == reported
 
 
 def tcp_closed(flags_seen: int, rev_flags_seen: Optional[int]) -> bool:
@@ -133,7 +143,7 @@ def reverse_key(key: bytes) -> bytes:
 def expire_event(key: bytes, val: bytes, rev_val: Optional[bytes], now_mono_ns: int) -> RawEvent:
     """A final record for a flow-map entry the sweep removes (its last counters)."""
     saddr, daddr, sport, dport, ifindex, family, proto, dir_, _ = KEY.unpack(key)
-    first, last, _rep, pk, by, fseen, reply, it, ic, verdict, mt, pflags, pid, peer = VAL.unpack(val)
+    first, last, _rep, pk, by, fseen, reply, it, ic, verdict, mt, pflags, pid, peer, _rpk = VAL.unpack(val)
     rpk = rby = rfirst = 0
     if rev_val is not None:
         rfirst, _rl, _rr, rpk, rby, *_ = VAL.unpack(rev_val)

@@ -31,7 +31,7 @@ def builder():
 
 
 def test_layouts_match_c_sizes():
-    assert (ev.KEY.size, ev.VAL.size, ev.EVENT.size) == (44, 56, 128)
+    assert (ev.KEY.size, ev.VAL.size, ev.EVENT.size) == (44, 64, 128)
 
 
 def test_syn_from_endpoint_is_egress_request():
@@ -70,8 +70,8 @@ def test_unknown_reply_state_is_absent():
 
 def test_ipv6_udp_and_expire_record():
     key = _key("fd00::1", "fd00::2", 5353, 53, ev.IPPROTO_UDP, ev.DIR_EGRESS, family=6)
-    val = ev.VAL.pack(1_000, 5_000, 5_000, 10, 1000, 0, ev.REPLY_NO, 0, 0, 0, 0, 0, 0, 0)
-    rev = ev.VAL.pack(1_500, 5_000, 5_000, 9, 900, 0, ev.REPLY_YES, 0, 0, 0, 0, 0, 0, 0)
+    val = ev.VAL.pack(1_000, 5_000, 5_000, 10, 1000, 0, ev.REPLY_NO, 0, 0, 0, 0, 0, 0, 0, 8)
+    rev = ev.VAL.pack(1_500, 5_000, 5_000, 9, 900, 0, ev.REPLY_YES, 0, 0, 0, 0, 0, 0, 0, 9)
     assert ev.reverse_key(ev.reverse_key(key)) == key
     f = builder().build(ev.expire_event(key, val, rev, now_mono_ns=9_000))
     assert f.flowscope.event == "expire" and f.l4.UDP.destination_port == 53
@@ -178,7 +178,7 @@ def test_reply_carries_the_connection_verdict_under_the_connection_direction():
 def test_expired_entry_keeps_its_policy_state():
     key = _key("10.0.0.1", "10.0.0.9", 40000, 8080, ev.IPPROTO_TCP, ev.DIR_EGRESS)
     val = ev.VAL.pack(1_000, 5_000, 5_000, 10, 1000, 0x1B, ev.REPLY_NO, 0, 0, ev.VERDICT_AUDIT, 2,
-                      ev.PF_VERDICT | ev.PF_REASON_DENY, 9, 300)
+                      ev.PF_VERDICT | ev.PF_REASON_DENY, 9, 300, 10)
     e = ev.expire_event(key, val, None, now_mono_ns=9_000)
     assert (e.verdict, e.drop_reason, e.match_type, e.policy_id, e.peer_identity) == (4, 181, 2, 9, 300)
     f = policy_builder().build(e)
@@ -210,3 +210,9 @@ def test_link_local_addresses_belong_to_the_endpoint_of_their_interface():
     other_if = ev.FlowBuilder("n1", idx, {}, clock_offset_ns=0, uuid_source=lambda: "u")
     k = _key("fe80::1c", "ff02::2", 133, 0, ev.IPPROTO_ICMPV6, ev.DIR_EGRESS, ifindex=9, family=6)
     assert other_if.build(ev.decode_event(_event(k, ev.EV_NEW))).source.labels == ["reserved:world"]
+
+
+def test_an_entry_is_reported_in_full_when_no_packet_passed_since_its_last_event():
+    quiet = ev.VAL.pack(1_000, 5_000, 5_000, 10, 1000, 0, ev.REPLY_NO, 0, 0, 0, 0, 0, 0, 0, 10)
+    busy = ev.VAL.pack(1_000, 5_000, 5_000, 12, 1100, 0, ev.REPLY_NO, 0, 0, 0, 0, 0, 0, 0, 10)
+    assert ev.reported_in_full(quiet) and not ev.reported_in_full(busy)

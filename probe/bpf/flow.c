@@ -143,6 +143,8 @@ struct flow_val {
     __u8 pflags;        // PF_*
     __u32 policy_id;    // deciding policy (0: none)
     __u32 peer_id;      // the peer's identity when a verdict was computed
+    __u64 report_packets; // packets when the last event was emitted (the agent's expiry skips a final
+                          // record that would repeat it)
 };
 
 struct event {
@@ -542,6 +544,7 @@ account:;
         nv.first_ns = now;
         nv.last_ns = now;
         nv.report_ns = now;
+        nv.report_packets = 1;
         nv.packets = 1;
         nv.bytes = len;
         nv.flags_seen = tcp_flags;
@@ -628,12 +631,14 @@ account:;
     }
     if (fresh & REPORT_FLAGS) {
         v->report_ns = now;
+        v->report_packets = v->packets;
         emit(&key, v, (fresh & 0x05) ? EV_CLOSE : EV_FLAGS, tcp_flags, bpf_ktime_get_ns(), len);
         return TC_ACT_OK;
     }
     // Signed: report_ns may come from the precise clock, which runs up to a jiffy ahead of the coarse one.
     if ((__s64)(now - v->report_ns) >= (__s64)UPDATE_NS) {
         v->report_ns = now;
+        v->report_packets = v->packets;
         emit(&key, v, EV_UPDATE, tcp_flags, bpf_ktime_get_ns(), len);
     }
     return TC_ACT_OK;
