@@ -47,15 +47,15 @@ async def _clients(ws_url: str, n: int, compress: bool = False) -> list[dict]:
         st = stats[i]
         while not stop.is_set():
             try:
-                frame = await asyncio.wait_for(ws.recv(), 0.5)
+                frame = await asyncio.wait_for(ws.recv(decode=False), 0.5)  # bytes: as msgspec reads them
             except asyncio.TimeoutError:
                 continue
             except Exception:  # noqa: BLE001 - counted
                 st["errors"] += 1
                 return
             st["frames"] += 1
-            st["flows"] += frame.count('{"flow":')
-            if '"lost_events"' in frame:
+            st["flows"] += frame.count(b'{"flow":')
+            if b'"lost_events"' in frame:
                 for env in json.loads(frame):
                     if "lost_events" in env:
                         st["dropped"] += int(env["lost_events"].get("num_events_lost", 0))
