@@ -12,7 +12,9 @@ import ctypes as ct
 import errno
 import logging
 import os
+import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -105,6 +107,8 @@ class Datapath:
 
         self.ipr = IPRoute()
         self._ring_open = False
+        self._ring = None  # probe.ringbuf.RingReader once open_events ran
+        self._on_event: Callable[[bytes], None] = lambda _raw: None
 
     # ---------------------------------------------------------------- attach / detach
 
@@ -175,19 +179,39 @@ class Datapath:
     # ---------------------------------------------------------------- events and counters
 
     def open_events(self, on_event: Callable[[bytes], None]) -> None:
-        def _cb(_ctx, data, size):
-            on_event(ct.string_at(data, size))
-            return 0
+        """Hand every event to ``on_event`` on each :meth:`poll`. The ring is read through its memory
+        mapping (:class:`probe.ringbuf.RingReader`: no callback from C per event); bcc's reader is the
+        fallback where the mapping is refused."""
+        self._on_event = on_event
+        table = self.bpf[b"events"]
+        try:
+            from probe.ringbuf import RingReader
 
-        self._cb = _cb  # keep a reference: bcc holds only a C pointer
-        self.bpf[b"events"].open_ring_buffer(_cb)
+            self._ring = RingReader(table.map_fd, table.max_entries)
+        except (OSError, ValueError) as e:
+            log.warning("reading the ring buffer through bcc's callback (%s)", e)
+
+            def _cb(_ctx, data, size):
+                on_event(ct.string_at(data, size))
+                return 0
+
+            self._cb = _cb  # keep a reference: bcc holds only a C pointer
+            table.open_ring_buffer(_cb)
         self._ring_open = True
 
     def poll(self, timeout_ms: int) -> None:
-        """Sleep up to timeout_ms, then drain everything waiting. The kernel never wakes us (no
-        per-event wakeup cost on the packet path), so this timer is the drain cadence."""
-        self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
+        """Sleep timeout_ms, then drain everything waiting. The kernel never wakes us (no per-event
+        wakeup cost on the packet path), so this timer is the drain cadence."""
+        ring = self._ring
+        if ring is None:
+            self.bpf.ring_buffer_poll(timeout_ms)
+            self.bpf.ring_buffer_consume()
+            return
+        if timeout_ms > 0:
+            time.sleep(timeout_ms / 1000)
+        on_event = self._on_event
+        for raw in ring.read():
+            on_event(raw)
 
     def read_stats(self) -> list[list[int]]:
         """Per-CPU counters: result[stat_index][cpu]."""
@@ -231,6 +255,9 @@ class Datapath:
 
     def close(self) -> None:
         self.detach_all()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         try:
             self.ipr.close()
         except Exception:
@@ -286,16 +313,10 @@ def remove_stale_attachments() -> list[int]:
     return removed
 
 
-def interface_names(ipr=None) -> dict[int, str]:
-    from pyroute2 import IPRoute
-
-    own = ipr is None
-    ipr = ipr or IPRoute()
-    try:
-        return {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
-    finally:
-        if own:
-            ipr.close()
+def interface_names() -> dict[int, str]:
+    """ifindex -> name of this network namespace's interfaces. libc's if_nameindex (one netlink dump in
+    C, ~25 us) rather than pyroute2 (~4 ms): the agent asks every second."""
+    return dict(socket.if_nameindex())
 
 
 def host_addresses(ipr=None) -> list[str]:
