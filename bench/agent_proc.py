@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     agent.run()  # until SIGTERM; drains, ships, detaches
     s, sh = agent.stats, agent.shipper.stats
     report = {"kernel": kernel, "agent": {"events": s.events, "flows": s.flows, "expired": s.expired,
+                                          "expired_quiet": s.expired_quiet,
                                           "kernel_lost": s.kernel_lost, "map_insert_failures": s.map_insert_failures},
               "shipper": {"queued": sh.queued, "shipped": sh.shipped, "batches": sh.batches, "failures": sh.failures,
                           "lost_queue_full": sh.lost_queue_full, "lost_by_source": dict(sh.lost_by_source),
-                          "rejected": sh.rejected, "duplicates": sh.duplicates, "spooled_batches": sh.spooled_batches},
+                          "rejected": sh.rejected, "duplicates": sh.duplicates, "spooled_batches": sh.spooled_batches,
+                          "shed": sh.shed},
               "threads": threading.active_count()}
     print(json.dumps(report), flush=True)
     return 0

@@ -132,6 +132,7 @@ def bench(opts: BenchOptions) -> ScenarioResult:
                     details.append({"rate": rate, "connections": made, "present": seen, "stored": stored,
                                     "shipped": shipped, "kernel": k, "agent": report.get("agent", {}),
                                     "lost_queue_full": sh.get("lost_queue_full", 0),
+                                    "shed": sh.get("shed", 0),
                                     "lost_by_source": sh.get("lost_by_source", {}),
                                     "agent_cores": a_cpu / dt, "server_cores": s_cpu / dt})
                 finally:
@@ -158,7 +159,8 @@ def bench(opts: BenchOptions) -> ScenarioResult:
                     f"{d['agent'].get('events', 0):,} kernel events (ring accepted {d['kernel'].get('accepted', 0):,}, "
                     f"failed submits {d['kernel'].get('ringbuf_fail', 0):,}, failed map inserts "
                     f"{d['kernel'].get('map_fail', 0):,}), shipped {d['shipped']:,} flow records, server stored "
-                    f"{d['stored']:,}; agent queue drops {d['lost_queue_full']:,}; agent {d['agent_cores']:.2f} cores, "
+                    f"{d['stored']:,}; agent queue drops {d['lost_queue_full']:,} (of which flag/update records shed first "
+                    f"{d.get('shed', 0):,}); agent {d['agent_cores']:.2f} cores, "
                     f"server {d['server_cores']:.2f} cores.")
             if opts.profile and not opts.quick and res.unmet():
                 flowscope(profile=True)

@@ -15,7 +15,10 @@ the server in the order they were produced, also across an agent restart (the sp
 
 Loss happens only when there is no room left: the spool refuses a batch when full, the flows then wait in
 memory, and when the memory queue is full too, new flows are dropped and counted; the count is sent as a
-LostEvent (``OBSERVER_EVENTS_QUEUE``) with the next batch. A batch the server rejects as invalid (4xx
+LostEvent (``OBSERVER_EVENTS_QUEUE``) with the next batch. Shedding starts with what matters least: once
+the memory queue is half full, records of a TCP flag first seen and periodic updates of long flows are
+dropped (and counted) while a flow's new, close, expire, drop and L7 records are still queued, so an
+overloaded node keeps reporting every connection as long as it can. A batch the server rejects as invalid (4xx
 other than 401/403/408/429) cannot succeed by retrying and is counted the same way. Nothing is lost
 silently. Without a spool the shipper keeps one failed batch plus the memory queue.
 """
@@ -45,6 +48,12 @@ log = logging.getLogger("flowscope.shipper")
 DEFAULT_SPOOL_ROOT = "/var/lib/flowscope/spool"
 DEFAULT_SPOOL_BYTES = 1 << 30
 _LOST_QUEUE = schema.LostEventSource.OBSERVER_EVENTS_QUEUE.value
+SHEDDABLE_EVENTS = frozenset({"flags", "update"})  # the records an overloaded agent drops first
+
+
+def _keeps(flow: schema.Flow) -> bool:
+    ext = flow.flowscope
+    return ext is None or ext.event not in SHEDDABLE_EVENTS
 
 
 @dataclass
@@ -60,6 +69,7 @@ class ShipperStats:
     duplicates: int = 0  # batches the server had already stored (an earlier answer was lost)
     rejected: int = 0  # batches the server refused as invalid (their flows are counted as lost)
     slow_spills: int = 0  # times the memory queue went to the spool because the server was slow
+    shed: int = 0  # flag and update records dropped first when the memory queue was over half full
 
 
 class _Counted(msgspec.Struct):
@@ -155,6 +165,14 @@ class Shipper:
         if not flows:
             return
         with self._lock:
+            if len(self._q) + len(flows) > self.max_queue // 2:
+                kept = [f for f in flows if _keeps(f)]
+                shed = len(flows) - len(kept)
+                if shed:
+                    self.stats.shed += shed
+                    self.stats.lost_queue_full += shed
+                    self._add_lost_locked(_LOST_QUEUE, shed, None)
+                    flows = kept
             room = self.max_queue - len(self._q)
             if room >= len(flows):
                 self._q.extend(flows)
