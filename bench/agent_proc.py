@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         if dp is not None and not kernel:
             st = dp.read_stats()
             kernel.update(accepted=sum(st[ev.STAT_EVENTS]), ringbuf_fail=sum(st[ev.STAT_RINGBUF_FAIL]),
-                          map_fail=sum(st[ev.STAT_MAP_FAIL]), policy_drops=sum(st[ev.STAT_POLICY_DROP]))
+                          map_fail=sum(st[ev.STAT_MAP_FAIL]), policy_drops=sum(st[ev.STAT_POLICY_DROP]),
+                          shed=sum(st[ev.STAT_SHED]))
         agent.stop()
 
     signal.signal(signal.SIGTERM, on_term)

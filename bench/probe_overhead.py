@@ -157,7 +157,7 @@ def event_audit(runner) -> dict:
 
     stats = runner.agent.dp.read_stats()
     submitted = sum(stats[ev.STAT_EVENTS])
-    failed = sum(stats[ev.STAT_RINGBUF_FAIL]) + sum(stats[ev.STAT_MAP_FAIL])
+    failed = sum(stats[ev.STAT_RINGBUF_FAIL]) + sum(stats[ev.STAT_MAP_FAIL]) + sum(stats[ev.STAT_SHED])
     received = runner.agent.stats.events
     # STAT_EVENTS counts the events the ring accepted; failed submits and failed map inserts are counted
     # apart (and reported by the agent as LostEvents): whatever the ring accepted must reach the agent.

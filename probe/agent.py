@@ -91,6 +91,7 @@ class AgentStats:
     expired_quiet: int = 0      # ... of which without a final record (nothing new since their last event)
     kernel_lost: int = 0
     map_insert_failures: int = 0
+    kernel_shed: int = 0        # flag/update events the kernel did not queue right after the ring was full
 
 
 class Agent:
@@ -289,15 +290,17 @@ class Agent:
         if dp is None:
             return
         now = dp.read_stats()
-        for stat, source in ((ev.STAT_RINGBUF_FAIL, schema.LostEventSource.PERF_EVENT_RING_BUFFER.value),
-                             (ev.STAT_MAP_FAIL, schema.LostEventSource.PERF_EVENT_RING_BUFFER.value)):
+        ring = schema.LostEventSource.PERF_EVENT_RING_BUFFER.value
+        for stat in (ev.STAT_RINGBUF_FAIL, ev.STAT_MAP_FAIL, ev.STAT_SHED):
             for cpu, (before, after) in enumerate(zip(self._lost_seen[stat], now[stat])):
                 if after > before:
-                    self.shipper.report_lost(source, after - before, cpu)
+                    self.shipper.report_lost(ring, after - before, cpu)
                     if stat == ev.STAT_RINGBUF_FAIL:
                         self.stats.kernel_lost += after - before
-                    else:
+                    elif stat == ev.STAT_MAP_FAIL:
                         self.stats.map_insert_failures += after - before
+                    else:
+                        self.stats.kernel_shed += after - before
         self._lost_seen = now
         for src in self.sources:
             for source, n in src.lost().items():

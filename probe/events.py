@@ -47,7 +47,8 @@ EV_EXPIRE = 100  # produced by the agent's sweep, not by the kernel
 EVENT_NAMES = {EV_NEW: "new", EV_FLAGS: "flags", EV_CLOSE: "close", EV_UPDATE: "update", EV_DROP: "drop",
                EV_EXPIRE: "expire"}
 REPLY_NO, REPLY_YES, REPLY_UNKNOWN = 0, 1, 2
-STAT_UNUSED, STAT_EVENTS, STAT_RINGBUF_FAIL, STAT_MAP_FAIL, STAT_NON_IP, STAT_POLICY_DROP, STAT_MAX = range(7)
+(STAT_UNUSED, STAT_EVENTS, STAT_RINGBUF_FAIL, STAT_MAP_FAIL, STAT_NON_IP, STAT_POLICY_DROP, STAT_SHED,
+ STAT_MAX) = range(8)
 
 # Policy state in flow entries and events (flow.c VERDICT_*, DROP_POLICY_*, PF_*).
 VERDICT_NONE, VERDICT_FORWARDED, VERDICT_DROPPED, VERDICT_AUDIT = 0, 1, 2, 4

@@ -243,11 +243,14 @@ class Shipper:
                                      "flows": batch, "lost_events": lost})
 
     def _next_body(self) -> tuple[Optional[bytes], int]:
-        """The next batch from memory, encoded, and its number of flows (None when nothing waits)."""
+        """The next batch from memory, encoded, and its number of flows (None when nothing waits). When
+        flows pile up (the server answers more slowly than they come), batches grow to
+        ``spill_batch_size``: the per-request round trip is paid once for more flows."""
         with self._lock:
             if not self._q and not self._lost:
                 return None, 0
-            batch, lost = self._take_locked()
+            backlog = len(self._q) >= 2 * self.batch_size
+            batch, lost = self._take_locked(self.spill_batch_size if backlog else 0)
         return self._encode(batch, lost), len(batch)
 
     def _spill(self, partial: bool) -> None:

@@ -88,7 +88,9 @@
 #define STAT_MAP_FAIL 3
 #define STAT_NON_IP 4
 #define STAT_POLICY_DROP 5   // packets dropped by policy (each one also produces an EV_DROP event)
-#define STAT_MAX 6
+#define STAT_SHED 6          // FLAGS/UPDATE events not emitted because the ring was full moments ago
+#define STAT_MAX 7
+#define SHED_NS 100000000ULL // after a failed submit, shed FLAGS/UPDATE events for this long
 
 // Hubble's verdict and drop reason numbers.
 #define VERDICT_FORWARDED 1
@@ -215,6 +217,7 @@ struct verdict_info {
 BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_ENTRIES);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, __u64, STAT_MAX);
+BPF_ARRAY(ring_full_until, __u64, 1);  // a failed submit sets it to now + SHED_NS
 BPF_HASH(policy_endpoints, __u32, struct ep_info, POLICY_ENDPOINTS);
 BPF_LPM_TRIE(policy_ipcache, struct ipc_key, __u32, POLICY_IPCACHE);
 BPF_LPM_TRIE(policy_map, struct policy_key, struct policy_value, POLICY_ENTRIES);
@@ -224,6 +227,26 @@ static __always_inline void stat_inc(int idx)
     __u64 *v = stats.lookup(&idx);
     if (v)
         *v += 1;
+}
+
+// An overloaded ring keeps its room for what matters most: for SHED_NS after a submit failed, the first
+// sighting of a TCP flag and periodic updates are counted (STAT_SHED, reported as lost) instead of
+// queued, so new flows, closes and drops still fit. The flow entry keeps the flags and counters either
+// way; its final record carries them.
+static __always_inline int ring_shedding(__u64 now)
+{
+    int zero = 0;
+    __u64 *until = ring_full_until.lookup(&zero);
+    return until && (__s64)(*until - now) > 0;
+}
+
+static __always_inline void ring_submit_failed(__u64 now)
+{
+    int zero = 0;
+    __u64 *until = ring_full_until.lookup(&zero);
+    stat_inc(STAT_RINGBUF_FAIL);
+    if (until)
+        *until = now + SHED_NS;
 }
 
 static __always_inline void reverse_key(const struct flow_key *k, struct flow_key *r)
@@ -242,9 +265,14 @@ static __always_inline void reverse_key(const struct flow_key *k, struct flow_ke
     r->pad = 0;
 }
 
-static __always_inline void emit(struct flow_key *key, struct flow_val *v, __u8 type, __u16 tcp_flags,
-                                 __u64 now, __u32 len)
+// Returns whether the event was queued.
+static __always_inline int emit(struct flow_key *key, struct flow_val *v, __u8 type, __u16 tcp_flags,
+                                __u64 now, __u32 len)
 {
+    if ((type == EV_FLAGS || type == EV_UPDATE) && ring_shedding(now)) {
+        stat_inc(STAT_SHED);
+        return 0;
+    }
     struct event ev = {};
     __builtin_memcpy(&ev.key, key, sizeof(ev.key));
     ev.ts_ns = now;
@@ -277,10 +305,12 @@ static __always_inline void emit(struct flow_key *key, struct flow_val *v, __u8 
 
     // No wakeup from the packet path (a wakeup costs microseconds per event): the agent drains the
     // ring on a short timer instead. The ring is sized for the events of several timer periods.
-    if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP) != 0)
-        stat_inc(STAT_RINGBUF_FAIL);
-    else
-        stat_inc(STAT_EVENTS);
+    if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP) != 0) {
+        ring_submit_failed(now);
+        return 0;
+    }
+    stat_inc(STAT_EVENTS);
+    return 1;
 }
 
 // A dropped packet: one event each, never aggregated. There is no flow entry, so no reverse counters.
@@ -308,7 +338,7 @@ static __always_inline void emit_drop(struct flow_key *key, struct verdict_info 
     ev.peer_id = vi->peer_id;
     stat_inc(STAT_POLICY_DROP);
     if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP) != 0)
-        stat_inc(STAT_RINGBUF_FAIL);
+        ring_submit_failed(now);
     else
         stat_inc(STAT_EVENTS);
 }
@@ -544,7 +574,6 @@ account:;
         nv.first_ns = now;
         nv.last_ns = now;
         nv.report_ns = now;
-        nv.report_packets = 1;
         nv.packets = 1;
         nv.bytes = len;
         nv.flags_seen = tcp_flags;
@@ -609,11 +638,11 @@ account:;
             else
                 nv.is_reply = key.proto == IPPROTO_TCP ? REPLY_UNKNOWN : REPLY_NO;
         }
-        if (flows.update(&key, &nv) != 0) {
+        // The event first: whether it was queued decides whether the entry's first packet counts as
+        // reported (if not, the sweep's final record is the flow's only record).
+        nv.report_packets = emit(&key, &nv, EV_NEW, tcp_flags, now, len) ? 1 : 0;
+        if (flows.update(&key, &nv) != 0)
             stat_inc(STAT_MAP_FAIL);
-            return TC_ACT_OK;
-        }
-        emit(&key, &nv, EV_NEW, tcp_flags, now, len);
         return TC_ACT_OK;
     }
 
@@ -631,15 +660,15 @@ account:;
     }
     if (fresh & REPORT_FLAGS) {
         v->report_ns = now;
-        v->report_packets = v->packets;
-        emit(&key, v, (fresh & 0x05) ? EV_CLOSE : EV_FLAGS, tcp_flags, bpf_ktime_get_ns(), len);
+        if (emit(&key, v, (fresh & 0x05) ? EV_CLOSE : EV_FLAGS, tcp_flags, bpf_ktime_get_ns(), len))
+            v->report_packets = v->packets;
         return TC_ACT_OK;
     }
     // Signed: report_ns may come from the precise clock, which runs up to a jiffy ahead of the coarse one.
     if ((__s64)(now - v->report_ns) >= (__s64)UPDATE_NS) {
         v->report_ns = now;
-        v->report_packets = v->packets;
-        emit(&key, v, EV_UPDATE, tcp_flags, bpf_ktime_get_ns(), len);
+        if (emit(&key, v, EV_UPDATE, tcp_flags, bpf_ktime_get_ns(), len))
+            v->report_packets = v->packets;
     }
     return TC_ACT_OK;
 }
