@@ -45,7 +45,7 @@ ENDPOINT_COLUMNS: tuple[str, ...] = ("key", "kind", "namespace", "name", "worklo
                                      "from_args", "to_args", "addrs", "nodes", "last_ns")
 POD_PREFIX = "pod:"  # endpoint keys of pods (map nodes use their own keys: "ns/app", "world", ...)
 
-_PORT_NAMES: dict[tuple[str, int], str] = {}
+_PROTO = {"TCP": "TCP", "UDP": "UDP", "ICMPv4": "ICMPv4", "ICMPv6": "ICMPv6", "SCTP": "SCTP"}
 
 
 def bucket_of(time_ns: int) -> int:
@@ -59,11 +59,10 @@ def bucket_of(time_ns: int) -> int:
 
 
 class _EndpointInfo:
-    __slots__ = ("desc", "identity", "labels", "addrs", "nodes", "last_ns")
+    __slots__ = ("desc", "addrs", "nodes", "last_ns")
 
-    def __init__(self, desc: tuple[Any, ...], identity: int, labels: list[str]) -> None:
+    def __init__(self, desc: tuple[Any, ...]) -> None:
         self.desc = desc  # (kind, namespace, name, workload, identity, labels, from_args, to_args)
-        self.identity, self.labels = identity, labels
         self.addrs: list[str] = []
         self.nodes: list[str] = []
         self.last_ns = 0
@@ -104,23 +103,20 @@ class RollupBuilder:
             ref = self._refs[key] = dm.node_ref(ep, ip)
         return ref
 
-    def _note(self, key: str, make_desc: Any, identity: int, labels: list[str], addr: str, node: str,
-              time_ns: int) -> None:
-        """Remember what ``key`` is; it is handed out again when new, changed, with a new address or node
-        name, or not refreshed for a minute. ``make_desc()`` builds the description (only when needed)."""
+    def _note(self, key: str, desc: tuple[Any, ...], addr: str, node: str, time_ns: int) -> None:
         info = self._eps.get(key)
         if info is None:
             if len(self._eps) >= self._max_eps:
                 self._eps.clear()
-            info = self._eps[key] = _EndpointInfo(make_desc(), identity, labels)
+            info = self._eps[key] = _EndpointInfo(desc)
             self._dirty[key] = info
-        elif info.identity != identity or info.labels != labels:
-            info.desc, info.identity, info.labels = make_desc(), identity, labels
+        elif info.desc != desc:
+            info.desc = desc
             self._dirty[key] = info
-        if addr and len(info.addrs) < dm.MAX_ADDRS and addr not in info.addrs:
+        if addr and addr not in info.addrs and len(info.addrs) < dm.MAX_ADDRS:
             info.addrs.append(addr)
             self._dirty[key] = info
-        if node and len(info.nodes) < dm.MAX_ADDRS and node not in info.nodes:
+        if node and node not in info.nodes and len(info.nodes) < dm.MAX_ADDRS:
             info.nodes.append(node)
             self._dirty[key] = info
         if time_ns > info.last_ns:
@@ -131,22 +127,17 @@ class RollupBuilder:
     def _endpoint(self, ref: dm.NodeRef, ep: Optional[schema.Endpoint], ip: str, node_name: str,
                   time_ns: int) -> str:
         """Records the node (and pod) descriptions; returns the pod key ('' when not a pod)."""
-        if ep is None:
-            labels: list[str] = []
-            identity = 0
-            pod = False
-        else:
-            labels, identity, pod = ep.labels, ep.identity, bool(ep.pod_name)
-        self._note(ref.key, lambda: (ref.kind, ref.namespace, ref.name, "", identity, tuple(labels),
-                                     tuple(ref.from_args), tuple(ref.to_args)),
-                   identity, labels, "" if pod else ip, "", time_ns)
+        labels = tuple(ep.labels) if ep is not None else ()
+        identity = ep.identity if ep is not None else 0
+        pod = ep is not None and bool(ep.pod_name)
+        self._note(ref.key, (ref.kind, ref.namespace, ref.name, "", identity, labels, tuple(ref.from_args),
+                             tuple(ref.to_args)), "" if pod else ip, "", time_ns)
         if not pod:
             return ""
         assert ep is not None
-        ns, name = ep.namespace, ep.pod_name
-        pkey = f"{ns}/{name}" if ns else name
-        self._note(POD_PREFIX + pkey, lambda: ("pod", ns, name, ref.key, identity, tuple(labels), (), ()),
-                   identity, labels, ip, node_name, time_ns)
+        pkey = f"{ep.namespace}/{ep.pod_name}" if ep.namespace else ep.pod_name
+        self._note(POD_PREFIX + pkey, ("pod", ep.namespace, ep.pod_name, ref.key, identity, labels, (), ()),
+                   ip, node_name, time_ns)
         return pkey
 
     def _add(self, agg: dict[tuple[Any, ...], list[Any]], f: schema.Flow, t: int) -> None:
@@ -162,11 +153,7 @@ class RollupBuilder:
         dpod = self._endpoint(dref, dst_ep, dip, node, t)
         verdict = f.verdict._value_
         vclass = dm.VERDICT_CLASS.get(verdict, "forwarded")
-        port = _PORT_NAMES.get((proto, dport))
-        if port is None:
-            if len(_PORT_NAMES) > 200_000:
-                _PORT_NAMES.clear()
-            port = _PORT_NAMES[(proto, dport)] = (f"{proto}/{dport}" if dport else proto) if proto else ""
+        port = (f"{proto}/{dport}" if dport else proto) if proto else ""
         reason = ""
         policy = ""
         if vclass != "forwarded":
