@@ -282,32 +282,19 @@ class Retention:
         if p.max_bytes > 0:
             used = self.used_bytes()
             report.used_bytes_before = used
-            # The estimate (average row size) counts the space of the rollup and the other tables as the
-            # flows'; what deleting frees is measured again, and a few more rounds go on while over the limit.
-            rounds = 0
-            while used is not None and used > p.max_bytes and rounds < 4 and not self._stop.is_set():
-                rounds += 1
+            if used is not None and used > p.max_bytes:
                 lo, hi = self._id_range()
                 rows = max(1, hi - lo + 1)
-                if rows <= 1:
-                    break
                 excess = used - int(p.max_bytes * p.low_watermark)
                 to_delete = min(rows - 1, max(1, int(excess / (used / rows)) + 1))
-                deleted = 0
                 while to_delete > 0 and not self._stop.is_set():
                     n = self._delete_chunk(keep_newest, min(p.chunk_rows, to_delete), report)
                     report.deleted_by_size += n
-                    deleted += n
                     to_delete -= n
                     if n == 0:
                         break
                     self._stop.wait(p.pause_s)
-                self._delete_rollup(report)
-                used = self.used_bytes()
-                if deleted == 0:
-                    break
-            if report.used_bytes_before is not None and report.used_bytes_before > p.max_bytes:
-                report.used_bytes_after = used
+                report.used_bytes_after = self.used_bytes()
         self._delete_rollup(report)
 
     # ---- the background thread ----
