@@ -168,13 +168,8 @@ def rollup_map(store: FlowStore, since_ns: int, until_ns: int) -> dict[str, Any]
     return out
 
 
-def range_map(store: FlowStore, q: FlowQuery, since_ns: int, until_ns: int, max_flows: int,
-              use_rollup: Optional[bool] = None) -> dict[str, Any]:
-    """The map of a range: from the rollup (see :func:`uses_rollup`; ``use_rollup`` forces either way, a
-    filter always needs the flows), else by aggregating at most ``max_flows`` stored flows."""
-    if use_rollup is None:
-        use_rollup = uses_rollup(q, since_ns, until_ns)
-    if use_rollup and not q.whitelist and not q.blacklist:
+def range_map(store: FlowStore, q: FlowQuery, since_ns: int, until_ns: int, max_flows: int) -> dict[str, Any]:
+    if uses_rollup(q, since_ns, until_ns):
         return rollup_map(store, since_ns, until_ns)
     agg = MapAggregator()
     agg.begin()

@@ -184,11 +184,10 @@ ROLLUP = RollupBuilder()
 
 def prepare_batch(flows: list[schema.Flow], lost: Sequence[schema.LostEvent] = (), *, node_name: str = "",
                   agent_version: str = "", now_ns: Optional[int] = None, batch_id: str = "",
-                  rollup: Any = ...) -> PreparedBatch:
+                  rollup: Optional[RollupBuilder] = ROLLUP) -> PreparedBatch:
     """Rows for a batch. Flows without ``node_name`` get the batch's node name, flows without ``time``
     the time of receipt (a stored flow must be findable by time); the stored body is the flow's canonical
-    JSON after that. ``rollup``: the builder of the batch's rollup rows (default :data:`ROLLUP`; None: no
-    rollup rows)."""
+    JSON after that. ``rollup``: the builder of the batch's rollup rows (None: no rollup rows)."""
     now = time.time_ns() if now_ns is None else now_ns
     enc = _encoder.encode
     rows: list[list[Any]] = []
@@ -211,8 +210,6 @@ def prepare_batch(flows: list[schema.Flow], lost: Sequence[schema.LostEvent] = (
     lost_rows = [(now, node_name, schema.LostEventSource(ev.source).value, int(ev.num_events_lost), ev.cpu)
                  for ev in lost]
     batch = PreparedBatch(flows, rows, lost_rows, nodes, now, batch_id=batch_id)
-    if rollup is ...:
-        rollup = ROLLUP
     if rollup is not None and rows:
         batch.rollup, batch.endpoints = rollup.add_batch(zip(flows, [r[_TIME] for r in rows]))
     return batch

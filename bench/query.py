@@ -78,10 +78,8 @@ def build(rows: int, log=print) -> dict:
     """Build the database (atomically: a finished file or none); returns its description."""
     from api import migrate
     from api.db import SQLITE_PRAGMAS
-    from api.rollup import ENDPOINT_COLUMNS, ROLLUP_COLUMNS, RollupBuilder, _upsert_sql
     from api.store import FLOW_COLUMNS, prepare_batch
     from flowscope import schema
-    from sqlalchemy.dialects import sqlite as sqlite_dialect
 
     db, meta_path = db_paths(rows)
     tmp = db.with_suffix(".building")
@@ -94,9 +92,6 @@ def build(rows: int, log=print) -> dict:
     conn.execute("PRAGMA synchronous=OFF")  # a cache file: rebuilt if the machine dies mid-build
     conn.execute("PRAGMA cache_size=-262144")
     sql = f"INSERT INTO flows ({', '.join(FLOW_COLUMNS)}) VALUES ({', '.join('?' * len(FLOW_COLUMNS))})"
-    rollup_sql, endpoint_sql = _upsert_sql(sqlite_dialect.dialect())  # the writer's own upserts
-    assert len(ROLLUP_COLUMNS) and len(ENDPOINT_COLUMNS)
-    rollup = RollupBuilder()
     tpl = templates(min(rows, 50_000))
     end_ns = time.time_ns()
     start_ns = end_ns - SPAN_NS
@@ -112,13 +107,11 @@ def build(rows: int, log=print) -> dict:
             f.time = fmt(start_ns + int(i * step))
             f.uuid = f"{i:08x}-0000-4000-8000-{i:012x}"
             flows.append(f)
-        batch = prepare_batch(flows, node_name="bench-node", rollup=rollup)
+        batch = prepare_batch(flows, node_name="bench-node")
         for k, r in enumerate(batch.rows):
             r[0] = base + k + 1
         conn.execute("BEGIN")
         conn.executemany(sql, batch.rows)
-        conn.executemany(rollup_sql, batch.rollup)
-        conn.executemany(endpoint_sql, batch.endpoints)
         conn.execute("COMMIT")
         if base == 0:
             for f in tpl:
@@ -142,36 +135,12 @@ def build(rows: int, log=print) -> dict:
     return meta
 
 
-def migrate_db(db: Path, meta_path: Path, meta: dict, log=print) -> dict:
-    """Bring a cached database to the current schema (migration 0005 backfills the flow rollup from the
-    stored flows); the time it took is recorded in the description."""
-    from api import migrate
-    from api.db import make_engine
-
-    engine = make_engine(f"sqlite:///{db}")
-    try:
-        if migrate.current_revision(engine) == migrate.head_revision():
-            return meta
-        log(f"migrating {db} to {migrate.head_revision()} (backfills the flow rollup) ...")
-        t0 = time.monotonic()
-        migrate.upgrade(engine)
-        took = round(time.monotonic() - t0, 1)
-        with engine.connect() as conn:
-            n = conn.exec_driver_sql("SELECT count(*) FROM flow_rollup").scalar()
-    finally:
-        engine.dispose()
-    log(f"  migrated in {took:.0f} s ({n:,} rollup rows)")
-    meta = dict(meta, migrate_seconds=took, rollup_rows=n, bytes=db.stat().st_size)
-    meta_path.write_text(json.dumps(meta))
-    return meta
-
-
 def ensure_db(rows: int, rebuild: bool = False, log=print) -> tuple[Path, dict]:
     db, meta_path = db_paths(rows)
     if not rebuild and db.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("version") == DB_VERSION and meta.get("rows") == rows:
-            return db, migrate_db(db, meta_path, meta, log)
+            return db, meta
     log(f"building the {rows:,}-flow query database {db} (once; reused by later runs) ...")
     return db, build(rows, log=log)
 
