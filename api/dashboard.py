@@ -47,7 +47,6 @@ from flowscope.observe import ObserveUsageError, query_from_argv
 from flowscope.query import FlowQuery, QueryError, query_to_json
 from flowscope.timeparse import TimeParseError, parse_time
 
-from . import rollup
 from .dashboard_model import DropsAggregator, MapAggregator
 from .live import LiveHub
 from .store import FlowStore, PreparedBatch, format_time
@@ -146,31 +145,7 @@ def _scan(store: FlowStore, q: FlowQuery, since_ns: int, until_ns: int) -> Itera
         yield decode(r.body), r
 
 
-ROLLUP_MIN_WINDOW_NS = 5 * 60 * _NS  # maps of longer windows without a filter come from the rollup
-
-
-def uses_rollup(q: FlowQuery, since_ns: int, until_ns: int) -> bool:
-    """Whether the map of this request is answered from the per-minute rollup: no filter (the rollup has
-    no per-flow fields to filter on) and a window longer than :data:`ROLLUP_MIN_WINDOW_NS`."""
-    return not q.whitelist and not q.blacklist and until_ns - since_ns > ROLLUP_MIN_WINDOW_NS
-
-
-def rollup_map(store: FlowStore, since_ns: int, until_ns: int) -> dict[str, Any]:
-    """The range map from the rollup: the whole minutes the window touches (``rollup_since_ns`` ..
-    ``rollup_until_ns``, said in the answer), every flow of them counted (never truncated)."""
-    with store.engine.connect() as conn:
-        groups = rollup.read_groups(conn, since_ns, until_ns)
-        endpoints = rollup.read_endpoints(conn, rollup.endpoint_keys(groups))
-    lo, hi = rollup.rollup_window(since_ns, until_ns)
-    out = rollup.build_map(groups, endpoints, lo, hi)
-    out.update(mode="range", since_ns=since_ns, until_ns=until_ns, scanned=out["flows"], truncated=False,
-               scanned_until_ns=until_ns, source="rollup", rollup_since_ns=lo, rollup_until_ns=hi)
-    return out
-
-
 def range_map(store: FlowStore, q: FlowQuery, since_ns: int, until_ns: int, max_flows: int) -> dict[str, Any]:
-    if uses_rollup(q, since_ns, until_ns):
-        return rollup_map(store, since_ns, until_ns)
     agg = MapAggregator()
     agg.begin()
     n = 0
@@ -184,7 +159,7 @@ def range_map(store: FlowStore, q: FlowQuery, since_ns: int, until_ns: int, max_
     truncated = n >= max_flows
     out = agg.snapshot((until_ns - since_ns) / _NS)
     out.update(mode="range", since_ns=since_ns, until_ns=until_ns, scanned=n, truncated=truncated,
-               scanned_until_ns=last if truncated else until_ns, source="flows")
+               scanned_until_ns=last if truncated else until_ns)
     return out
 
 
@@ -718,43 +693,6 @@ def create_dashboard_router(store: FlowStore, hub: LiveHub, *, writer: Any = Non
     return router, dh
 
 
-def top_talkers_answer(store: FlowStore, since: Optional[str], until: Optional[str], limit: int, by: str,
-                       now_ns: int) -> dict[str, Any]:
-    """``GET /api/v1/top-talkers``: the busiest source -> destination pairs of a window, from the rollup.
-    Raises BadRequest for bad input."""
-    if by not in rollup.TALKERS_BY:
-        raise BadRequest(f"invalid by {by!r}: use one of {', '.join(rollup.TALKERS_BY)}")
-    if not 1 <= limit <= 1000:
-        raise BadRequest(f"invalid limit {limit}: use 1..1000")
-    try:
-        since_ns = parse_time(since or "1h", now_ns)
-        until_ns = parse_time(until, now_ns) if until else now_ns
-    except TimeParseError as e:
-        raise BadRequest(f"invalid time range: {e}") from None
-    if since_ns > until_ns:
-        raise BadRequest(f"since ({since or '1h'}) is after until ({until or 'now'})")
-    with store.engine.connect() as conn:
-        rows = rollup.read_talkers(conn, since_ns, until_ns, by, limit)
-    lo, hi = rollup.rollup_window(since_ns, until_ns)
-    return {"by": by, "since_ns": since_ns, "until_ns": until_ns, "rollup_since_ns": lo, "rollup_until_ns": hi,
-            "items": rollup.top_talkers(rows, limit)}
-
-
-def create_top_talkers_router(store: FlowStore) -> APIRouter:
-    router = APIRouter(tags=["flows"])
-
-    @router.get("/api/v1/top-talkers", summary="Busiest source -> destination pairs of a time range (rollup)")
-    async def top_talkers(since: Optional[str] = None, until: Optional[str] = None, limit: int = 20,
-                          by: str = "pod") -> Response:
-        try:
-            out = await run_in_threadpool(top_talkers_answer, store, since, until, limit, by, time.time_ns())
-        except BadRequest as e:
-            return _bad(e)
-        return Response(orjson.dumps(out), media_type="application/json")
-
-    return router
-
-
 def mount(app: Any, policy_store: Any = None) -> DashboardHub:
     """Add the dashboard's routes and its static libraries (``/vendor``: ``web/node_modules``) to ``app``
     (made by :func:`api.app.create_app`); ``policy_store`` defaults to an ``enforcer.store.PolicyStore``
@@ -775,7 +713,6 @@ def mount(app: Any, policy_store: Any = None) -> DashboardHub:
             policy_store = None
     router, dh = create_dashboard_router(st.store, st.hub, writer=st.writer, policy_store=policy_store)
     app.include_router(router)
-    app.include_router(create_top_talkers_router(st.store))
     modules = os.path.join(os.path.dirname(os.path.abspath(web.__file__)), "node_modules")
     if os.path.isdir(modules):
         app.mount("/vendor", StaticFiles(directory=modules), name="vendor")

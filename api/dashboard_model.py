@@ -348,18 +348,6 @@ class Pod:
         self.first_ns = self.last_ns = 0
         self.version = 0
 
-    @classmethod
-    def blank(cls, key: str, namespace: str, pod_name: str, workload: str) -> "Pod":
-        """A pod known by name only (the rollup fills in the rest)."""
-        p = cls.__new__(cls)
-        p.key, p.namespace, p.pod_name, p.workload = key, namespace, pod_name, workload
-        p.identity = 0
-        p.labels, p.ips, p.nodes = [], [], []
-        p.flows_out = p.flows_in = p.drops_out = p.drops_in = 0
-        p.first_ns = p.last_ns = 0
-        p.version = 0
-        return p
-
     def to_json(self) -> dict[str, Any]:
         return {"id": self.key, "namespace": self.namespace, "pod_name": self.pod_name, "workload": self.workload,
                 "identity": self.identity, "labels": self.labels, "ips": self.ips, "nodes": self.nodes,

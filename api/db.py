@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from sqlalchemy import BigInteger, Boolean, Engine, Float, Index, Integer, LargeBinary, SmallInteger, String, Text, create_engine, event
+from sqlalchemy import BigInteger, Boolean, Engine, Float, Index, Integer, LargeBinary, SmallInteger, String, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -132,68 +132,11 @@ class ApiTokenRow(Base):
     revoked_ns: Mapped[Optional[int]] = mapped_column(BigInteger, nullable=True)
 
 
-class FlowRollupRow(Base):
-    """Per-minute rollup of flows (issue 10, :mod:`api.rollup`): the service map and top talkers of a
-    window come from these rows instead of the flows. Written by the writer in the same transaction as
-    the flows (one upsert per distinct key per transaction). The key is the whole primary key; the map
-    node keys and direction are the dashboard's (client -> server)."""
-
-    __tablename__ = "flow_rollup"
-
-    bucket_ns: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # start of the minute
-    src: Mapped[str] = mapped_column(String(512), primary_key=True)  # map node key ("ns/app", "world", ...)
-    src_pod: Mapped[str] = mapped_column(String(512), primary_key=True)  # "ns/pod" or '' (not a pod)
-    dst: Mapped[str] = mapped_column(String(512), primary_key=True)
-    dst_pod: Mapped[str] = mapped_column(String(512), primary_key=True)
-    port: Mapped[str] = mapped_column(String(24), primary_key=True)  # "TCP/8080", "ICMPv4", ''
-    verdict: Mapped[str] = mapped_column(String(24), primary_key=True)
-    drop_reason: Mapped[str] = mapped_column(String(64), primary_key=True)
-    l7: Mapped[str] = mapped_column(String(8), primary_key=True)  # http, grpc, dns, kafka, l7, ''
-    latency: Mapped[int] = mapped_column(Integer, primary_key=True)  # L7 latency histogram bucket (0: none)
-    policy: Mapped[str] = mapped_column(String(1024), primary_key=True)  # deciding policies, "\n"-joined
-    src_ns: Mapped[str] = mapped_column(String(253), nullable=False, default="")
-    dst_ns: Mapped[str] = mapped_column(String(253), nullable=False, default="")
-    flows: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    bytes: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    requests: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    responses: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    errors: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    first_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    last_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
-
-    # SQLite: the rows are stored in primary-key order (a window is one contiguous range of the table).
-    __table_args__ = {"sqlite_with_rowid": False}
-
-
-class FlowRollupEndpointRow(Base):
-    """What a rollup map node or pod (key ``pod:ns/name``) is: kind, labels, identity, addresses,
-    ``flowscope observe`` arguments. Written when the ingest path sees something new about it."""
-
-    __tablename__ = "flow_rollup_endpoints"
-
-    key: Mapped[str] = mapped_column(String(520), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16), nullable=False)
-    namespace: Mapped[str] = mapped_column(String(253), nullable=False, default="")
-    name: Mapped[str] = mapped_column(String(512), nullable=False, default="")
-    workload: Mapped[str] = mapped_column(String(512), nullable=False, default="")  # pods: their map node
-    identity: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    labels: Mapped[str] = mapped_column(Text, nullable=False, default="[]")  # JSON lists
-    from_args: Mapped[str] = mapped_column(Text, nullable=False, default="[]")
-    to_args: Mapped[str] = mapped_column(Text, nullable=False, default="[]")
-    addrs: Mapped[str] = mapped_column(Text, nullable=False, default="[]")
-    nodes: Mapped[str] = mapped_column(Text, nullable=False, default="[]")
-    last_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
-
-    __table_args__ = (Index("ix_flow_rollup_endpoints_last_ns", "last_ns"),)
-
-
 flows_table = FlowRow.__table__
 ingest_batches_table = IngestBatchRow.__table__
 api_tokens_table = ApiTokenRow.__table__
 lost_events_table = LostEventRow.__table__
 nodes_table = NodeRow.__table__
-flow_rollup_table = FlowRollupRow.__table__
-flow_rollup_endpoints_table = FlowRollupEndpointRow.__table__
 
 
 SQLITE_PRAGMAS: tuple[str, ...] = (

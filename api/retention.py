@@ -8,9 +8,7 @@ Defaults (``flowscope server`` flags):
 ``--retention-interval``              ``60s``     how often a pass runs
 ====================================  ==========  ==================================================
 
-``0`` turns a limit off. The per-minute rollup (api.rollup) follows the flows: after a pass, rollup minutes
-older than the minute of the oldest remaining flow are deleted (a few minutes per transaction), and node/pod
-descriptions not seen since then. Applied batch ids (idempotent ingest) are kept as long as flows (at least a day),
+``0`` turns a limit off. Applied batch ids (idempotent ingest) are kept as long as flows (at least a day),
 so an agent's spool can still be deduplicated after a long outage.
 
 A pass deletes at most ``chunk_rows`` (2000) flows per transaction, oldest first, and sleeps
@@ -37,8 +35,7 @@ from typing import Any, Callable, Optional
 
 from sqlalchemy import Engine, and_, delete, func, select
 
-from .db import flow_rollup_endpoints_table, flow_rollup_table, flows_table, ingest_batches_table, lost_events_table
-from .rollup import BUCKET_NS, bucket_of
+from .db import flows_table, ingest_batches_table, lost_events_table
 
 log = logging.getLogger("flowscope.retention")
 
@@ -107,7 +104,6 @@ class PassReport:
     deleted_by_size: int = 0
     deleted_lost_events: int = 0
     deleted_batch_ids: int = 0
-    deleted_rollup_rows: int = 0
     used_bytes_before: Optional[int] = None
     used_bytes_after: Optional[int] = None
     transactions: int = 0
@@ -206,34 +202,6 @@ class Retention:
             self._stop.wait(self.policy.pause_s)
         return total
 
-    def _delete_rollup(self, report: PassReport) -> None:
-        """Rollup minutes before the minute of the oldest stored flow, a few minutes per transaction."""
-        t, te = flow_rollup_table.c, flow_rollup_endpoints_table.c
-        with self.engine.connect() as conn:
-            oldest = conn.execute(select(func.min(flows_table.c.time_ns))).scalar()
-        if oldest is None:
-            return
-        cutoff = bucket_of(int(oldest))
-        while not self._stop.is_set():
-            with self.engine.connect() as conn:
-                lo = conn.execute(select(func.min(t.bucket_ns))).scalar()
-            if lo is None or lo >= cutoff:
-                break
-            upto = min(cutoff, int(lo) + 5 * BUCKET_NS)
-            started = time.monotonic()
-            with self.engine.connect() as conn:
-                conn.execution_options(sqlite_immediate=True)
-                with conn.begin():
-                    report.deleted_rollup_rows += conn.execute(
-                        delete(flow_rollup_table).where(t.bucket_ns < upto)).rowcount or 0
-            report.transactions += 1
-            report.longest_transaction_s = max(report.longest_transaction_s, time.monotonic() - started)
-            self._stop.wait(self.policy.pause_s)
-        with self.engine.connect() as conn:
-            conn.execution_options(sqlite_immediate=True)
-            with conn.begin():
-                conn.execute(delete(flow_rollup_endpoints_table).where(te.last_ns < cutoff))
-
     def run_once(self, now_ns: Optional[int] = None) -> PassReport:
         """One pass: by age, then by size. Safe to call from any thread (one pass at a time per database
         on PostgreSQL)."""
@@ -295,7 +263,6 @@ class Retention:
                         break
                     self._stop.wait(p.pause_s)
                 report.used_bytes_after = self.used_bytes()
-        self._delete_rollup(report)
 
     # ---- the background thread ----
 
@@ -312,7 +279,6 @@ class Retention:
             self.stats.deleted_flows += rep.deleted
             self.stats.last_pass = {
                 "deleted_by_age": rep.deleted_by_age, "deleted_by_size": rep.deleted_by_size,
-                "deleted_rollup_rows": rep.deleted_rollup_rows,
                 "used_bytes_before": rep.used_bytes_before, "used_bytes_after": rep.used_bytes_after,
                 "transactions": rep.transactions, "longest_transaction_ms": round(rep.longest_transaction_s * 1000, 1),
                 "seconds": round(rep.seconds, 3), "skipped": rep.skipped}

@@ -17,7 +17,7 @@ import heapq
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import msgspec
@@ -28,7 +28,6 @@ from flowscope import schema
 
 from .db import flows_table, ingest_batches_table, lost_events_table, nodes_table, sqlite_path
 from .pushdown import canonical_ip, narrow
-from .rollup import RollupBuilder, merge_endpoints, merge_rows, write_rollup
 
 _encoder = msgspec.json.Encoder()
 _flow_decoder = msgspec.json.Decoder(schema.Flow)
@@ -148,8 +147,6 @@ class PreparedBatch:
     first_id: int = 0  # assigned at insert
     batch_id: str = ""  # the agent's id of this batch (node/boot/sequence): idempotent ingest; '' = none
     duplicate: bool = False  # set at insert: this batch id was already applied, nothing was stored
-    rollup: list[list[Any]] = field(default_factory=list)  # per-minute rollup rows (api.rollup), summed
-    endpoints: list[list[Any]] = field(default_factory=list)  # rollup node/pod descriptions new to us
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -178,16 +175,11 @@ class LiveFlow(msgspec.Struct, array_like=True, gc=False):
     time_ns: int
 
 
-ROLLUP = RollupBuilder()
-"""This process's rollup builder (it remembers connections' byte counters across batches)."""
-
-
 def prepare_batch(flows: list[schema.Flow], lost: Sequence[schema.LostEvent] = (), *, node_name: str = "",
-                  agent_version: str = "", now_ns: Optional[int] = None, batch_id: str = "",
-                  rollup: Optional[RollupBuilder] = ROLLUP) -> PreparedBatch:
+                  agent_version: str = "", now_ns: Optional[int] = None, batch_id: str = "") -> PreparedBatch:
     """Rows for a batch. Flows without ``node_name`` get the batch's node name, flows without ``time``
     the time of receipt (a stored flow must be findable by time); the stored body is the flow's canonical
-    JSON after that. ``rollup``: the builder of the batch's rollup rows (None: no rollup rows)."""
+    JSON after that."""
     now = time.time_ns() if now_ns is None else now_ns
     enc = _encoder.encode
     rows: list[list[Any]] = []
@@ -209,10 +201,7 @@ def prepare_batch(flows: list[schema.Flow], lost: Sequence[schema.LostEvent] = (
         nodes[node_name] = agent_version
     lost_rows = [(now, node_name, schema.LostEventSource(ev.source).value, int(ev.num_events_lost), ev.cpu)
                  for ev in lost]
-    batch = PreparedBatch(flows, rows, lost_rows, nodes, now, batch_id=batch_id)
-    if rollup is not None and rows:
-        batch.rollup, batch.endpoints = rollup.add_batch(zip(flows, [r[_TIME] for r in rows]))
-    return batch
+    return PreparedBatch(flows, rows, lost_rows, nodes, now, batch_id=batch_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,8 +338,6 @@ class FlowStore:
                 claims: list[dict[str, Any]] = []
                 rows: list[Any] = []
                 lost: list[Any] = []
-                rollups: list[list[list[Any]]] = []
-                endpoints: list[list[list[Any]]] = []
                 nodes: dict[str, tuple[int, str]] = {}
                 for b in batches:
                     if b.batch_id:
@@ -368,8 +355,6 @@ class FlowStore:
                         next_id += 1
                     rows.extend(b.rows)
                     lost.extend(b.lost_rows)
-                    rollups.append(b.rollup)
-                    endpoints.append(b.endpoints)
                     for name, version in b.nodes.items():
                         prev = nodes.get(name)
                         nodes[name] = (b.received_ns, version or (prev[1] if prev else ""))
@@ -389,9 +374,6 @@ class FlowStore:
                         cur.executemany(self._flow_sql, params)
                     finally:
                         cur.close()
-                if rows:  # the rollup, one upsert per distinct key of the whole transaction
-                    write_rollup(conn, merge_rows(*rollups) if len(rollups) > 1 else rollups[0],
-                                 merge_endpoints(*endpoints) if len(endpoints) > 1 else endpoints[0])
                 if lost:
                     conn.execute(lost_events_table.insert(), [dict(zip(LOST_COLUMNS, r)) for r in lost])
                 if nodes:

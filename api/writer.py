@@ -93,9 +93,8 @@ def child_main(db_url: str) -> int:  # pragma: no cover - runs in the child (pyt
                 msg = _recv(inp)
             except EOFError:
                 return 0
-            batches = [PreparedBatch([], rows, lost, dict(nodes), received, batch_id=bid, rollup=rollup,
-                                     endpoints=endpoints)
-                       for rows, lost, nodes, received, bid, rollup, endpoints in _dec.decode(msg)]
+            batches = [PreparedBatch([], rows, lost, dict(nodes), received, batch_id=bid)
+                       for rows, lost, nodes, received, bid in _dec.decode(msg)]
             try:
                 n, last_id = store.write_batches(batches)
                 reply: Any = ["ok", n, last_id, [b.first_id for b in batches], [b.duplicate for b in batches]]
@@ -154,8 +153,7 @@ class WriterProcess:
             self.start()
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        msg = _enc.encode([[b.rows, b.lost_rows, list(b.nodes.items()), b.received_ns, b.batch_id, b.rollup,
-                            b.endpoints] for b in batches])
+        msg = _enc.encode([[b.rows, b.lost_rows, list(b.nodes.items()), b.received_ns, b.batch_id] for b in batches])
         try:
             _send(proc.stdin, msg)
             reply = _dec.decode(_recv(proc.stdout))
