@@ -282,13 +282,18 @@ FIX_POD = ("the pod filter narrows in SQL to the namespace's index range (src_na
            "pod name per row, so a 5-minute window reads every flow of that namespace in the window; an index "
            "on (src_pod, time_ns) would read only the pod's rows (at an ingest cost), and answering from the "
            "extracted columns plus the stored body needs no JSON decoding when SQL decides alone.")
-FIX_TALKERS = ("SQLite walks the hour's rows through ix_flows_time_ns and reads each row from the table (the pod "
-               "columns are not in the index), ~1 KB per flow because the body is stored inline; a covering index "
-               "(time_ns, src_namespace, src_pod, dst_namespace, dst_pod), or better a per-minute rollup table of "
-               "(pod pair -> flows, bytes) maintained by the writer at ingest, answers in milliseconds.")
-FIX_MAP = ("the service map decodes every stored flow of the hour (up to the 300,000-flow cap) in Python and "
-           "aggregates it; a per-minute rollup of edges (flows, bytes, verdicts, L7 counts) maintained at ingest "
-           "would turn the hour into 60 rows per edge.")
+FIX_TALKERS = ("SQLite walks the hour's rows through an index and reads each row from the table (the pod "
+               "columns are not in the index), ~1 KB per flow because the body is stored inline. Tried this "
+               "session: a per-minute rollup maintained by the server at ingest (Python aggregation per batch, "
+               "upserts in the flows' transaction) answered in 437 ms p95 but cost ingest 30-70 % (8-12 us per "
+               "flow in Python, and the benchmark's ~5,000 pod pairs x ports barely compress per minute), so it "
+               "was reverted. What would close it without that cost: the writer aggregating in SQL from the rows "
+               "it just inserted (INSERT .. SELECT .. GROUP BY into a rollup keyed by namespace/workload pair), "
+               "read with a 10-minute level for long windows.")
+FIX_MAP = ("the service map decodes every stored flow of the hour (up to the 300,000-flow cap) and aggregates it "
+           "in Python (~10 us per flow, most of it in MapAggregator.add, see the profile). A rollup by workload "
+           "pair computed in SQL by the writer (see top talkers) would turn the hour into ~60 rows per edge; a "
+           "Python-side rollup at ingest was tried and reverted (it cost ingest 30-70 %).")
 
 
 def main(argv: list[str] | None = None) -> int:
