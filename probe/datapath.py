@@ -224,34 +224,69 @@ class Datapath:
     # ---------------------------------------------------------------- the flow map
 
     def snapshot_flows(self) -> list[tuple[bytes, bytes]]:
-        """All (key, value) entries as raw bytes, read with batched lookups."""
-        out = []
+        """All (key, value) entries as raw bytes, read with batched lookups (BPF_MAP_LOOKUP_BATCH into
+        one buffer, sliced once: no ctypes object per entry)."""
         try:
-            items = self.flows.items_lookup_batch()
-            for k, v in items:
-                out.append((bytes(k), bytes(v)))
-        except Exception:  # older kernels/bcc: fall back to key-by-key
-            for k, v in self.flows.items():
-                out.append((bytes(k), bytes(v)))
-        return out
+            return self._lookup_batch()
+        except OSError as e:  # older kernels: fall back to key-by-key
+            log.debug("batched flow-map read failed (%s); reading key by key", e)
+            return [(bytes(k), bytes(v)) for k, v in self.flows.items()]
+
+    def _lookup_batch(self) -> list[tuple[bytes, bytes]]:
+        from bcc.libbcc import lib
+
+        ks, vs, cap = ev.KEY.size, ev.VAL.size, self.flows.max_entries
+        keys = ct.create_string_buffer(cap * ks)
+        vals = ct.create_string_buffer(cap * vs)
+        batch, cnt = ct.c_uint32(0), ct.c_uint32(0)
+        total = 0
+        while total < cap:
+            cnt.value = cap - total
+            res = lib.bpf_lookup_batch(self.flows.map_fd, ct.byref(batch) if total else None, ct.byref(batch),
+                                       ct.byref(keys, total * ks), ct.byref(vals, total * vs), ct.byref(cnt))
+            err = ct.get_errno()
+            total += cnt.value
+            if res != 0:
+                if err == errno.ENOENT:  # the whole map has been read
+                    break
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+            if cnt.value == 0:
+                break
+        kb, vb = keys.raw, vals.raw
+        return [(kb[i * ks:(i + 1) * ks], vb[i * vs:(i + 1) * vs]) for i in range(total)]
 
     def delete_flows(self, keys: Iterable[bytes]) -> int:
+        """Delete these entries (BPF_MAP_DELETE_BATCH); a key that is already gone (the LRU map evicted it)
+        is skipped, not a reason to fall back to key-by-key deletion. Returns how many were deleted."""
+        from bcc.libbcc import lib
+
         keys = list(keys)
-        if not keys:
+        n, ks = len(keys), ev.KEY.size
+        if not n:
             return 0
-        KeyT = self.flows.Key
-        arr = (KeyT * len(keys))()
-        for i, k in enumerate(keys):
-            ct.memmove(ct.byref(arr[i]), k, ct.sizeof(KeyT))
-        try:
-            self.flows.items_delete_batch(arr)
-        except Exception:
-            for i in range(len(keys)):
+        buf = ct.create_string_buffer(b"".join(keys), n * ks)
+        fd = self.flows.map_fd
+        done = deleted = 0
+        cnt = ct.c_uint32(0)
+        while done < n:
+            cnt.value = n - done
+            res = lib.bpf_delete_batch(fd, ct.byref(buf, done * ks), ct.byref(cnt))
+            err = ct.get_errno()
+            deleted += cnt.value
+            done += cnt.value
+            if res == 0:
+                break
+            if err == errno.ENOENT:
+                done += 1  # this key was gone already
+                continue
+            for k in keys[done:]:  # an older kernel without batch ops
                 try:
-                    del self.flows[arr[i]]
+                    del self.flows[self.flows.Key.from_buffer_copy(k)]
+                    deleted += 1
                 except KeyError:
                     pass
-        return len(keys)
+            break
+        return deleted
 
     def close(self) -> None:
         self.detach_all()
