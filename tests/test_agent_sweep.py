@@ -3,8 +3,6 @@ entries are due closed_timeout after the close), otherwise only every idle-scan 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 
@@ -12,6 +10,7 @@ import pytest
 
 from flowscope.endpoints import EndpointIndex
 from probe import events as ev
+from lab_http import http_server
 from sinks import ListSink
 
 
@@ -63,32 +62,27 @@ def test_closed_connection_expires_promptly_without_a_full_idle_scan(lab, tmp_pa
     agent.start()
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
-    p = srv.popen([sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(50):
-            if client.exec(["curl", "-s", "-o", "/dev/null", f"http://{srv.ipv4}:8080/"], check=False).returncode == 0:
-                break
-            time.sleep(0.1)
-        time.sleep(1.0)  # let the first scans of the connection's close pass
-        sink.flows.clear()
-        cport = int(client.exec(["curl", "-s", "-o", "/dev/null", "-w", "%{local_port}",
-                                 f"http://{srv.ipv4}:8080/"]).stdout)
-        def entries() -> list:
-            return [k for k, _v in agent.dp.snapshot_flows() if cport in ev.KEY.unpack(k)[2:4]]
+        with http_server(client, srv):
+            time.sleep(1.0)  # let the first scans of the connection's close pass
+            sink.flows.clear()
+            cport = int(client.exec(["curl", "-s", "-o", "/dev/null", "-w", "%{local_port}",
+                                     f"http://{srv.ipv4}:8080/"]).stdout)
 
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and entries():
-            time.sleep(0.1)
-        assert not entries(), "the closed connection's entries are still in the flow map"
-        expired = [f for f in list(sink.flows) if f.flowscope.event == "expire" and f.l4 and f.l4.TCP
-                   and cport in (f.l4.TCP.source_port, f.l4.TCP.destination_port)]
-        # a final record for each direction that saw packets after its last event (at least the one
-        # acknowledging the other side's FIN), carrying both directions' counters
-        assert 1 <= len(expired) <= 2, [f.flowscope.event for f in sink.flows]
-        assert all(int(f.flowscope.egress_packets) >= 4 and int(f.flowscope.ingress_packets) >= 4 for f in expired)
+            def entries() -> list:
+                return [k for k, _v in agent.dp.snapshot_flows() if cport in ev.KEY.unpack(k)[2:4]]
+
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and entries():
+                time.sleep(0.1)
+            assert not entries(), "the closed connection's entries are still in the flow map"
+            expired = [f for f in list(sink.flows) if f.flowscope.event == "expire" and f.l4 and f.l4.TCP
+                       and cport in (f.l4.TCP.source_port, f.l4.TCP.destination_port)]
+            # a final record for each direction that saw packets after its last event (at least the one
+            # acknowledging the other side's FIN), carrying both directions' counters
+            assert 1 <= len(expired) <= 2, [f.flowscope.event for f in sink.flows]
+            assert all(int(f.flowscope.egress_packets) >= 4 and int(f.flowscope.ingress_packets) >= 4
+                       for f in expired)
     finally:
-        p.terminate()
-        p.wait(5)
         agent.stop()
         t.join(10)

@@ -16,6 +16,7 @@ from flowscope.endpoints import EndpointRecord, EndpointStore
 pytestmark = pytest.mark.root
 
 
+from lab_http import http_server  # noqa: E402
 from sinks import ListSink  # noqa: E402
 
 
@@ -61,22 +62,13 @@ def tcp_records(flows, sport=None, dport=None):
 
 def test_tcp_http_flow_records(probe_env):
     agent, sink, client, srv = probe_env
-    p = srv.popen([sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(50):
-            if client.exec(["curl", "-s", "-o", "/dev/null", f"http://{srv.ipv4}:8080/"], check=False).returncode == 0:
-                break
-            time.sleep(0.1)
+    with http_server(client, srv):
         sink.flows.clear()
         r = client.exec(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{local_port}", f"http://{srv.ipv4}:8080/"])
         code, cport = r.stdout.split()
         assert code == "200"
         cport = int(cport)
         pump(agent, 0.5)
-    finally:
-        p.terminate()
-        p.wait(5)
 
     conn = [f for f in tcp_records(sink.flows, dport=8080) if cport in (f.l4.TCP.source_port, f.l4.TCP.destination_port)]
     assert conn, "no flow records for the curl connection"
@@ -291,17 +283,10 @@ def test_monitor_aggregation_flags_limit_records(lab, tmp_path):
     agent = Agent(AgentConfig(interfaces=[client.host_if], follow_endpoints=False, state_dir=str(tmp_path),
                               report_tcp_flags="syn,fin,rst", drain_ms=20), shipper=sink)
     agent.start()
-    p = srv.popen([sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(50):
-            if client.exec(["curl", "-s", "-o", "/dev/null", f"http://{srv.ipv4}:8080/"], check=False).returncode == 0:
-                break
-            time.sleep(0.1)
-        pump(agent, 0.3)
+        with http_server(client, srv):
+            pump(agent, 0.3)
     finally:
-        p.terminate()
-        p.wait(5)
         agent.close()
     events = {f.flowscope.event for f in tcp_records(sink.flows, dport=8080)}
     assert events and events <= {"new", "close"}, events
