@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import socket
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.harness import AgentProcess, BenchOptions, ServerProcess, SpyRecorder, cpu_seconds
-from bench.report import Figure, Goal, ScenarioResult, render_table
+from bench.report import Figure, Goal, ScenarioResult, print_result
 
 GOAL_PCT = 2.0
 PORT = 5353
@@ -166,12 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     r = bench(BenchOptions(quick=args.quick, reps=args.reps, seconds=args.seconds, profile=False), rate=args.rate)
-    print(render_table([r]))
-    for n in r.notes:
-        print("-", n)
-    if r.error:
-        print("error:", r.error, file=sys.stderr)
-    return 1 if r.error else 0
+    return print_result(r)
 
 
 if __name__ == "__main__":

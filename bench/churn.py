@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from bench.harness import AgentProcess, BenchOptions, ServerProcess, SpyRecorder, tree_cpu_seconds
-from bench.report import Figure, Goal, ScenarioResult, render_table
+from bench.report import Figure, Goal, ScenarioResult, print_result
 
 PORT = 7000
 NS = "bench"
@@ -191,12 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     r = bench(BenchOptions(quick=args.quick, reps=args.reps, seconds=args.seconds, profile=False))
-    print(render_table([r]))
-    for n in r.notes:
-        print("-", n)
-    if r.error:
-        print("error:", r.error, file=sys.stderr)
-    return 1 if r.error else 0
+    return print_result(r)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,10 @@ import argparse
 import ctypes as ct
 import random
 import socket
-import struct
-import sys
 import time
 
 from bench.harness import BenchOptions, profile_call
-from bench.report import Figure, Goal, ScenarioResult, render_table
+from bench.report import Figure, Goal, ScenarioResult, print_result
 
 GOAL_MS = 100.0
 GOAL_SPEEDUP = 3.0
@@ -133,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     r = bench(BenchOptions(quick=args.quick, reps=args.reps, profile=False), entries=args.entries)
-    print(render_table([r]))
-    if r.error:
-        print("error:", r.error, file=sys.stderr)
-        return 1
-    return 0
+    return print_result(r)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import argparse
 import json
 import random
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -34,7 +33,7 @@ from typing import Optional
 import httpx
 
 from bench.harness import CACHE_DIR, BenchOptions, ServerProcess, SpyRecorder
-from bench.report import Figure, Goal, ScenarioResult, percentile, render_table
+from bench.report import Figure, Goal, ScenarioResult, percentile, print_result
 
 GOAL_MS = 200.0
 SPAN_NS = 24 * 3600 * 10**9
@@ -308,10 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_db(args.rows or 10_000_000, args.rebuild)
         return 0
     r = bench(BenchOptions(quick=args.quick, reps=args.reps, profile=False), rows=args.rows or None, rebuild=args.rebuild)
-    print(render_table([r]))
-    for n in r.notes:
-        print("-", n)
-    return 1 if r.error else 0
+    return print_result(r)
 
 
 if __name__ == "__main__":

@@ -342,3 +342,16 @@ def to_json(results: list[ScenarioResult], machine: dict[str, Any], mode: str) -
         d["noisy"] = r.noisy
         out["scenarios"][r.name] = d
     return out
+
+
+def print_result(r: ScenarioResult) -> int:
+    """What a scenario run alone prints (its table, notes and error); the exit status: 1 if it failed."""
+    import sys
+
+    print(render_table([r]))
+    for n in r.notes:
+        print("-", n)
+    if r.error:
+        print("error:", r.error, file=sys.stderr)
+    return 1 if r.error else 0
+

@@ -26,14 +26,13 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 from bench.harness import AgentProcess, BenchOptions, ServerProcess, SpyRecorder, tree_cpu_seconds
-from bench.report import Figure, Goal, ScenarioResult, render_table
+from bench.report import Figure, Goal, ScenarioResult, print_result
 
 NS = "bench"
 
@@ -245,12 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     r = bench(BenchOptions(quick=args.quick, reps=args.reps, seconds=args.seconds, profile=False),
               policies=args.policies)
-    print(render_table([r]))
-    for n in r.notes:
-        print("-", n)
-    if r.error:
-        print("error:", r.error, file=sys.stderr)
-    return 1 if r.error else 0
+    return print_result(r)
 
 
 if __name__ == "__main__":

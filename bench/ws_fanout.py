@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench.harness import BenchOptions, ServerProcess, SpyRecorder, stop_process, tree_cpu_seconds
-from bench.report import Figure, Goal, ScenarioResult, render_table
+from bench.report import Figure, Goal, ScenarioResult, print_result
 
 GOAL = 100_000.0
 
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
               compress=args.compress)
     print(f"server cores with clients (median): {sorted(r.details['server_cores_with_clients'])[len(r.details['server_cores_with_clients']) // 2]:.2f}; "
           f"extensions: {r.details['extensions'] or 'none'}")
-    print(render_table([r]))
-    return 1 if r.error else 0
+    return print_result(r)
 
 
 if __name__ == "__main__":
