@@ -23,7 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import httpx
 
@@ -203,6 +204,23 @@ class ServerProcess:
 # --------------------------------------------------------------------------------------------
 # Flow generators (the real shipper and spool)
 # --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def postgres_cluster() -> Iterator["PostgresCluster"]:
+    """A started throwaway cluster for a test module, stopped afterwards. Without PostgreSQL installed the
+    tests skip, except under CI=true, where that is a failure (make setup installs it)."""
+    import pytest
+
+    if pg_bindir() is None:
+        if IN_CI:
+            pytest.fail("PostgreSQL is not installed (make setup installs the Debian package postgresql)")
+        pytest.skip("PostgreSQL is not installed")
+    c = PostgresCluster().start()
+    try:
+        yield c
+    finally:
+        c.stop()
 
 
 def generator(server: str, node: str, *, rate: float, seconds: float, spool_dir: Optional[str],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -11,6 +10,7 @@ from hypothesis import strategies as st
 
 from enforcer.policy import (AUDIT_ANNOTATION, KIND_CCNP, Policy, PolicyError, PolicyValidationError, load_policies,
                              load_policy)
+from fuzz_docs import mutated
 
 VALID = """
 apiVersion: cilium.io/v2
@@ -398,14 +398,6 @@ _ALL_PATHS = [p for p in _paths(_VALID_DOC) if p]
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(_ALL_PATHS), _json), min_size=1, max_size=3))
 def test_fuzz_mutated_valid_policy(mutations):
-    doc = copy.deepcopy(_VALID_DOC)
-    for path, value in mutations:
-        node = doc
-        try:
-            for part in path[:-1]:
-                node = node[part]
-            node[path[-1]] = value
-        except (KeyError, IndexError, TypeError):
-            continue
+    doc = mutated(_VALID_DOC, mutations)
     _check(doc)
     _check(json.dumps(doc, default=str))

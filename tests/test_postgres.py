@@ -16,20 +16,13 @@ from api.retention import Retention, RetentionPolicy
 from api.samples import sample_flows
 from api.store import FlowStore, prepare_batch
 from flowscope.query import query_from_params
-from reliability_env import IN_CI, PostgresCluster, pg_bindir
+from reliability_env import postgres_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    if pg_bindir() is None:
-        if IN_CI:
-            pytest.fail("PostgreSQL is not installed (make setup installs the Debian package postgresql)")
-        pytest.skip("PostgreSQL is not installed")
-    c = PostgresCluster().start()
-    try:
+    with postgres_cluster() as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture

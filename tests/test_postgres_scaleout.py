@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from reliability_env import (IN_CI, PostgresCluster, ServerProcess, generator, generator_report, kill_group,
-                             pg_bindir)
+from reliability_env import ServerProcess, generator, generator_report, kill_group, postgres_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 800  # flows/s per agent
@@ -26,15 +25,8 @@ SECONDS = 8.0
 
 @pytest.fixture(scope="module")
 def cluster():
-    if pg_bindir() is None:
-        if IN_CI:
-            pytest.fail("PostgreSQL is not installed (make setup installs the Debian package postgresql)")
-        pytest.skip("PostgreSQL is not installed")
-    c = PostgresCluster().start()
-    try:
+    with postgres_cluster() as c:
         yield c
-    finally:
-        c.stop()
 
 
 def lines(server: ServerProcess, query: str) -> list[dict]:

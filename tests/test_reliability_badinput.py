@@ -21,6 +21,7 @@ from api.auth import TokenStore
 from api.db import make_engine
 from api.samples import sample_flows
 from flowscope import schema
+from fuzz_docs import mutated
 from reliability_env import ServerProcess
 from test_auth import app_routes
 
@@ -128,14 +129,7 @@ def app_client(tmp_path_factory):
 def test_fuzz_ingest_mutated_batches(app_client, mutations, seq):
     doc = copy.deepcopy(_VALID)
     doc["batch_id"] = f"n/fuzz/{seq}"
-    for path, value in mutations:
-        node = doc
-        try:
-            for part in path[:-1]:
-                node = node[part]
-            node[path[-1]] = value
-        except (KeyError, IndexError, TypeError):
-            continue
+    doc = mutated(doc, mutations)
     r = app_client.post("/api/v1/flows", content=json.dumps(doc).encode())
     assert r.status_code in (200, 400, 413, 422), (r.status_code, r.text[:300])
     if r.status_code != 200:
@@ -198,15 +192,7 @@ def test_fuzz_cni_requests_with_garbage(cni_state, env, stdin):
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(_ENV, st.lists(st.tuples(st.sampled_from(_NET_PATHS), _json), min_size=1, max_size=3))
 def test_fuzz_cni_mutated_network_config(cni_state, env, mutations):
-    conf = copy.deepcopy(_NET)
-    for path, value in mutations:
-        node = conf
-        try:
-            for part in path[:-1]:
-                node = node[part]
-            node[path[-1]] = value
-        except (KeyError, IndexError, TypeError):
-            continue
+    conf = mutated(_NET, mutations)
     _cni_check(env, json.dumps(conf).encode(), cni_state)
 
 
