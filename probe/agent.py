@@ -6,9 +6,10 @@ One loop, three cadences:
     kernel's loss counters and report increases as LostEvents;
   * every ``sweep_interval`` (2 s), when a TCP connection has closed since the last sweep (the kernel
     reported its FIN/RST), and otherwise every ``idle_scan_interval`` (15 s): read the flow map in
-    batches, expire idle and closed flows with a final record carrying their last counters, delete
-    them. Idle timeouts are a minute or more, so a quarter of the shortest one is precise enough for
-    them, and a node whose flows are not closing does not pay for reading its whole map every 2 s.
+    batches, expire idle and closed flows (with a final record carrying their last counters when
+    packets passed since their last record), delete them. Idle timeouts are a minute or more, so a
+    quarter of the shortest one is precise enough for them, and a node whose flows are not closing
+    does not pay for reading its whole map every 2 s.
 
 On SIGINT/SIGTERM it drains, ships what it has, detaches every filter and clsact qdisc it added,
 and exits, leaving the interfaces as it found them.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,9 +32,6 @@ from probe.datapath import Datapath, host_addresses, interface_names, match_inte
 from probe.shipper import Shipper, default_spool_dir
 
 log = logging.getLogger("flowscope.agent")
-
-_VAL_LAST = struct.Struct("<8xQ")      # struct flow_val: last_ns follows first_ns
-_EVENT_TYPE_AT = ev.EVENT.size - 20    # struct event: the byte holding ``type``
 
 
 @dataclass
@@ -217,7 +214,7 @@ class Agent:
         raw, self._raw = self._raw, []
         if not raw:
             return
-        t = _EVENT_TYPE_AT
+        t = ev.EVENT_TYPE_OFFSET
         for r in reversed(raw):
             if r[t] == ev.EV_CLOSE:
                 self._closed_scan_until = time.monotonic() + self.cfg.closed_timeout + self.cfg.sweep_interval
@@ -253,7 +250,7 @@ class Agent:
         idle_ns = int(cfg.idle_timeout * 1e9)
         youngest = min(closed_ns, tcp_idle_ns, idle_ns)
         entries = dict(self.dp.snapshot_flows())
-        last_of = _VAL_LAST.unpack_from
+        last_of, flags_of = ev.VAL_LAST_NS.unpack_from, ev.VAL_FLAGS_SEEN.unpack_from
         expired: list[tuple[bytes, bytes, Optional[bytes]]] = []
         for key, val in entries.items():
             idle = now - last_of(val)[0]
@@ -264,9 +261,8 @@ class Agent:
                 if idle < tcp_idle_ns:
                     if idle < closed_ns:
                         continue
-                    fseen = val[40] | (val[41] << 8)
-                    rev_fseen = (rev[40] | (rev[41] << 8)) if rev is not None else None
-                    if not ev.tcp_closed(fseen, rev_fseen):
+                    rev_fseen = flags_of(rev)[0] if rev is not None else None
+                    if not ev.tcp_closed(flags_of(val)[0], rev_fseen):
                         continue
             else:
                 if idle < idle_ns:

@@ -113,7 +113,12 @@ def unpack_val(val: bytes) -> tuple:
     return VAL.unpack(val)
 
 
-_VAL_PACKETS = struct.Struct("<24xQ24xQ")  # packets, report_packets
+# Single fields of a flow-map value / an event, read without unpacking the rest (the sweep's per-entry test).
+VAL_LAST_NS = struct.Struct("<8xQ")           # last_ns
+VAL_FLAGS_SEEN = struct.Struct("<40xH")       # flags_seen
+_VAL_PACKETS = struct.Struct("<24xQ24xQ")     # packets, report_packets
+EVENT_TYPE_OFFSET = 108                       # struct event: the byte holding ``type``
+assert EVENT.unpack(bytes(EVENT_TYPE_OFFSET) + b"\x07" + bytes(EVENT.size - EVENT_TYPE_OFFSET - 1))[10] == 7
 
 
 def reported_in_full(val: bytes) -> bool:
