@@ -17,23 +17,13 @@ from websockets.sync.client import connect as ws_connect
 
 from api.live import ALL, LiveHub, Segment, filter_key
 from api.samples import sample_flows
-from api.store import prepare_batch
 from api.wscompress import may_compress, stream_compression_requested, uvicorn_ws_options
 from flowscope import schema
 from flowscope.query import QueryError, query_from_params
-from tests.test_api_server import Server, frames
+from tests.test_api_live import committed, ids
+from tests.test_api_server import Server, assert_error_then_close, frames
 
 T0 = 1_732_000_000_000_000_000
-
-
-def committed(flows, first_id, lost=()):
-    batch = prepare_batch(flows, lost, node_name="n")
-    batch.first_id = first_id
-    return batch
-
-
-def uuids(envelopes):
-    return [msgspec.json.decode(e)["flow"]["uuid"] for e in envelopes if e.startswith(b'{"flow"')]
 
 
 def flt(*params):
@@ -92,8 +82,8 @@ def test_new_subscriber_in_a_shared_group_skips_its_history():
         old, new = sub(hub, last_id=0), sub(hub, last_id=130)  # ids <= 130 were history for `new`
         flows = sample_flows(200, seed=8, start_ns=T0)
         hub.publish([committed(flows[:100], 1), committed(flows[100:], 101)])
-        assert uuids(old.take()[0]) == [f.uuid for f in flows]
-        assert uuids(new.take()[0]) == [f.uuid for f in flows[130:]]
+        assert ids(old.take()[0]) == [f.uuid for f in flows]
+        assert ids(new.take()[0]) == [f.uuid for f in flows[130:]]
         late = sub(hub, last_id=200)  # nothing new for it yet
         hub.publish([committed(sample_flows(3, seed=9, start_ns=T0), 201)])
         assert len(late.take()[0]) == 3 and len(new.take()[0]) == 3
@@ -108,11 +98,11 @@ def test_slow_subscriber_drops_its_oldest_without_touching_the_shared_bytes():
         got = []
         for i in range(0, 120, 40):  # the slow one never takes: 70 of 120 dropped, the newest 50 kept
             hub.publish([committed(flows[i:i + 40], i + 1)])
-            got += uuids(fast.take()[0])
+            got += ids(fast.take()[0])
         assert got == [f.uuid for f in flows]  # the fast one lost nothing
         body, n, dropped = slow.take_joined(b"\n")
         assert dropped == 70 and n == 50 and hub.dropped == 70 and slow.dropped_total == 70
-        assert uuids(body.split(b"\n")) == [f.uuid for f in flows[70:]]  # NDJSON separator
+        assert ids(body.split(b"\n")) == [f.uuid for f in flows[70:]]  # NDJSON separator
         assert slow.take_joined(b",") == (b"", 0, 0)  # reported once
         assert fast.dropped_total == 0
     asyncio.run(main())
@@ -225,11 +215,7 @@ def test_flow_stream_compresses_only_on_request(server):
 
 def test_bad_compress_value_is_reported(server):
     with ws_connect(f"{server.ws_url}/api/v1/flows/stream?compress=perhaps") as ws:
-        err = msgspec.json.decode(ws.recv(timeout=10))
-        assert err["error"]["status"] == 400 and "compress" in err["error"]["detail"]
-        with pytest.raises(Exception) as exc:
-            ws.recv(timeout=10)
-        assert getattr(exc.value, "rcvd", None) is not None and exc.value.rcvd.code == 1008
+        assert_error_then_close(ws, "compress")
     # and not a filter parameter anywhere else
     r = httpx.get(server.url + "/api/v1/flows", params={"compress": "true"}, timeout=10)
     assert r.status_code == 400
